@@ -1,0 +1,662 @@
+"""graft_molecule.py — GRAFT / P-GRAFT on QM9 (arXiv 2510.02692, the molecule experiment).
+
+    python graft_molecule.py --n_i 0.25            # P-GRAFT from the shipped reference model
+    python graft_molecule.py --n_i 0               # GRAFT
+    python graft_molecule.py --n_i 0.25 --rp       # RP-GRAFT (reverse stitching, the paper's ablation)
+    python graft_molecule.py --algo ddpo           # the policy-gradient baseline
+    python graft_molecule.py --eval_only           # metrics of the reference model
+    python graft_molecule.py --measure_variance    # E[Var(r(X_0) | X_t)] over t (SPEC 3)
+    python graft_molecule.py --pretrain --preset paper --device cuda   # pre-train a reference model
+
+An E(3)-equivariant diffusion model (EDM, Hoogeboom et al. 2022) over 3-D molecules with hydrogens: positions
+(zero centre of mass) and atom-type one-hots are noised jointly, an EGNN predicts the noise, and an ancestral
+sampler generates. GRAFT keeps the Top-K of M samples by reward and fine-tunes on them; P-GRAFT keeps the
+*intermediate* states x_s of the accepted samples and fine-tunes only the steps above s.
+"""
+import argparse
+import csv
+import json
+import math
+import os
+import re
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import common
+
+# -- config ---------------------------------------------------------------------------------------------------
+
+ATOMS = ["H", "C", "N", "O", "F"]           # EDM's atom_encoder order
+CHARGES = [1, 6, 7, 8, 9]                    # nuclear charges, EDM's optional integer feature
+MAX_N = 29                                   # largest QM9 molecule with hydrogens
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_REF = os.path.join(HERE, "checkpoints", "qm9_egnn_cpu.pt")
+
+PRESETS = {
+    # small enough to sample ~1,000 molecules in a few minutes on 2 CPU cores
+    "cpu": dict(nf=64, n_layers=4, N=250, n_eval=1000, M=500, K=100, rounds=3, ft_steps=150,
+                batch_size=64, lr=5e-4, ema_decay=0.999, train_steps=200_000),
+    # EDM's QM9 model (nf 256, 9 layers): its released checkpoint loads into this size
+    "paper": dict(nf=256, n_layers=9, N=1000, n_eval=10_000, M=10_000, K=1_000, rounds=4, ft_steps=2_000,
+                  batch_size=64, lr=1e-4, ema_decay=0.9999, train_steps=1_500_000),
+}
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--preset", choices=PRESETS, default="cpu", help="size and budget preset; flags below override it")
+    # what to run
+    a("--pretrain", action="store_true", help="pre-train a reference model (resumable) instead of fine-tuning")
+    a("--eval_only", action="store_true", help="only evaluate the reference model")
+    a("--measure_variance", action="store_true", help="measure E[Var(r(X_0)|X_t)] on a grid of n_i (SPEC 3)")
+    a("--algo", choices=["graft", "ddpo"], default="graft", help="rejection-sampling fine-tuning or DDPO")
+    a("--ref", default=DEFAULT_REF, help="reference checkpoint: a path or hf:org/repo/file (EDM's released "
+      "generative_model_ema.npy also loads, with --preset paper)")
+    a("--out", default=None, help="output folder (default runs/molecule_<method>)")
+    a("--data_dir", default=os.path.join(HERE, "data", "qm9"), help="where the preprocessed QM9 cache lives")
+    # model (must match the checkpoint)
+    a("--nf", type=int, help="EGNN hidden width")
+    a("--n_layers", type=int, help="EGNN equivariant blocks")
+    a("--no_attention", action="store_true", help="drop EDM's edge attention")
+    a("--no_tanh", action="store_true", help="drop EDM's tanh bound on coordinate updates")
+    a("--no_charges", action="store_true", help="drop EDM's nuclear-charge feature (EDM keeps it)")
+    # diffusion
+    a("--T", type=int, default=1000, help="diffusion time steps of the training schedule")
+    a("--schedule", default="polynomial_2", choices=["polynomial_2", "linear", "cosine"], help="noise schedule")
+    a("--N", type=int, help="sampler steps (an evenly spaced sub-grid of 0..T; NFE per sample = N + 1)")
+    # GRAFT / P-GRAFT
+    a("--n_i", type=float, default=0.0, help="P-GRAFT switch: N_I = round(n_i N); 0 is plain GRAFT")
+    a("--rp", action="store_true", help="RP-GRAFT: reference above s, fine-tuned model below (ablation)")
+    a("--M", type=int, help="samples drawn per round")
+    a("--K", type=int, help="samples accepted per round (Top-K of M)")
+    a("--accept", choices=["top_k", "best_of_n", "threshold"], default="top_k", help="acceptance rule (SPEC 2)")
+    a("--tau", type=float, default=1.0, help="reward threshold for --accept threshold")
+    a("--no_dedup", action="store_true", help="keep duplicate SMILES (the paper de-duplicates for molecules)")
+    a("--rounds", type=int, help="GRAFT rounds (or DDPO epochs of M samples)")
+    a("--sample_from", choices=["current", "reference"], default="current",
+      help="draw each round from the current fine-tuned model (tilts compound) or always from the reference")
+    a("--ft_steps", type=int, help="fine-tuning gradient steps per round")
+    a("--ft_lr", type=float, default=1e-4, help="fine-tuning learning rate (Adam)")
+    a("--reward", default="stable", help="reward: stable | valid | atom_stable | qed")
+    # DDPO (SPEC 4)
+    a("--ddpo_lr", type=float, default=1e-5, help="DDPO learning rate (full fine-tuning, lower than LoRA's 3e-4)")
+    a("--ddpo_batch", type=int, default=50, help="trajectories per DDPO gradient step")
+    a("--ddpo_steps_frac", type=float, default=0.1, help="fraction of sampler steps trained per trajectory")
+    a("--ddpo_clip", type=float, default=1e-4, help="PPO clip range (tiny, for per-dimension-averaged log-probs)")
+    # pre-training
+    a("--batch_size", type=int, help="molecules per pre-training / fine-tuning step")
+    a("--lr", type=float, help="pre-training learning rate")
+    a("--ema_decay", type=float, help="EMA decay of pre-training weights")
+    a("--train_steps", type=int, help="pre-training steps in total (resumable)")
+    a("--max_minutes", type=float, default=None, help="stop pre-training after this many minutes (resume later)")
+    # evaluation
+    a("--n_eval", type=int, help="samples for the evaluation of each model")
+    a("--var_R", type=int, default=8, help="continuations per intermediate state for --measure_variance")
+    a("--var_P", type=int, default=64, help="intermediate states per n_i for --measure_variance")
+    # runtime
+    a("--seed", type=int, default=0, help="seed: a CPU run is reproducible")
+    a("--device", default="cpu", help="cpu, cuda, cuda:1 or auto")
+    a("--amp", action="store_true", help="bf16 autocast (GPU)")
+    a("--compile", action="store_true", help="torch.compile the network")
+    a("--sample_batch", type=int, default=250, help="molecules per sampler batch")
+    return p
+
+
+def parse_args(argv=None):
+    p = build_parser()
+    args = p.parse_args(argv)
+    for k, v in PRESETS[args.preset].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if not 0 <= args.n_i < 1:
+        p.error(f"--n_i must be in [0, 1), got {args.n_i}")
+    if args.rp and args.n_i == 0:
+        p.error("--rp needs --n_i > 0 (with n_i = 0 the reference would do every step)")
+    for k in ("M", "K", "N", "rounds", "nf", "n_layers", "n_eval", "batch_size", "T", "sample_batch"):
+        if getattr(args, k) <= 0:
+            p.error(f"--{k} must be positive, got {getattr(args, k)}")
+    if args.ft_steps < 0 or args.train_steps < 0:
+        p.error("--ft_steps and --train_steps must be >= 0")
+    if args.K > args.M:
+        p.error(f"--K ({args.K}) cannot exceed --M ({args.M})")
+    if args.N > args.T:
+        p.error(f"--N ({args.N}) cannot exceed --T ({args.T})")
+    if args.reward not in REWARDS:
+        p.error(f"unknown --reward {args.reward!r}; choose from {', '.join(REWARDS)}")
+    if not 0 < args.ddpo_steps_frac <= 1:
+        p.error("--ddpo_steps_frac must be in (0, 1]")
+    args.N_I = round(args.n_i * args.N)
+    args.dedup = not args.no_dedup
+    return args
+
+
+def model_config(args):
+    """What a checkpoint must record to be rebuilt."""
+    return dict(nf=args.nf, n_layers=args.n_layers, attention=not args.no_attention, tanh=not args.no_tanh,
+                include_charges=not args.no_charges, T=args.T, schedule=args.schedule)
+
+
+# -- data -------------------------------------------------------------------------------------------------------
+
+_FLOAT = re.compile(r"-?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
+
+
+def _qm9_csv_dir():
+    import importlib.util
+    spec = importlib.util.find_spec("qm9pack")
+    if spec is None:
+        raise SystemExit("graft_molecule: QM9 not found; pip install qm9pack==1.0.3")
+    return os.path.join(spec.submodule_search_locations[0], "data")
+
+
+def load_qm9(data_dir):
+    """QM9 with hydrogens, EDM's split. Returns {split: {'pos': (N, 29, 3) float32 Angstrom, zero CoM,
+    'types': (N, 29) int8 with -1 for padding, 'n': (N,) int}} and caches it as .npz (SPEC 7)."""
+    cache = os.path.join(data_dir, "qm9_edm_split.npz")
+    if not os.path.exists(cache):
+        src = _qm9_csv_dir()
+        csv.field_size_limit(1 << 26)
+        pos, types, n = [], [], []
+        for part in (1, 2, 3):
+            with open(os.path.join(src, f"qm9_part{part}.csv"), newline="") as f:
+                for row in tqdm(csv.DictReader(f), desc=f"QM9 part {part}", leave=False):
+                    elems = re.findall(r"[A-Z][a-z]?", row["Elements"])
+                    xyz = np.array([float(v) for v in _FLOAT.findall(row["XYZ_Ang"])], np.float32).reshape(-1, 3)
+                    p, t = np.zeros((MAX_N, 3), np.float32), np.full(MAX_N, -1, np.int8)
+                    p[: len(elems)] = xyz - xyz.mean(0)
+                    t[: len(elems)] = [ATOMS.index(e) for e in elems]
+                    pos.append(p), types.append(t), n.append(len(elems))
+        pos, types, n = np.stack(pos), np.stack(types), np.array(n)
+        if len(n) != 130_831:
+            raise SystemExit(f"graft_molecule: expected 130,831 QM9 molecules, read {len(n)}; reinstall qm9pack==1.0.3")
+        # EDM's split: np.random.seed(0) permutation, 100,000 train / 17,748 valid / 13,083 test
+        np.random.seed(0)
+        perm = np.random.permutation(len(n))
+        split = dict(train=perm[:100_000], valid=perm[100_000:117_748], test=perm[117_748:])
+        os.makedirs(data_dir, exist_ok=True)
+        tmp = cache + ".tmp.npz"
+        np.savez_compressed(tmp, pos=pos, types=types, n=n, **{f"idx_{k}": v for k, v in split.items()})
+        os.replace(tmp, cache)
+    z = np.load(cache)
+    return {k: dict(pos=z["pos"][z[f"idx_{k}"]], types=z["types"][z[f"idx_{k}"]], n=z["n"][z[f"idx_{k}"]])
+            for k in ("train", "valid", "test")}
+
+
+def size_bucketed_batches(n_atoms, batch_size, gen):
+    """Shuffled batches of similar-sized molecules, so a padded batch wastes little compute on padding."""
+    idx = torch.randperm(len(n_atoms), generator=gen).numpy()
+    chunk = batch_size * 50
+    batches = []
+    for c in range(0, len(idx), chunk):
+        part = idx[c:c + chunk]
+        part = part[np.argsort(n_atoms[part], kind="stable")]
+        batches += [part[i:i + batch_size] for i in range(0, len(part), batch_size)]
+    order = torch.randperm(len(batches), generator=gen).tolist()
+    return [batches[i] for i in order]
+
+
+def to_features(pos, types, include_charges):
+    """Numpy molecules -> (z (B, n, 3+F), mask (B, n)) with EDM's scaling: one-hot / 4, charge / 10."""
+    n = max(int((types >= 0).sum(1).max()), 1)
+    types = torch.as_tensor(types[:, :n], dtype=torch.long)
+    mask = types >= 0                                                            # (B, n)
+    h = F.one_hot(types.clamp(min=0), 5).float() * 0.25                          # (B, n, 5)
+    if include_charges:
+        h = torch.cat([h, torch.tensor(CHARGES, dtype=torch.float)[types.clamp(min=0)][..., None] * 0.1], -1)
+    z = torch.cat([torch.as_tensor(pos[:, :n]), h], -1) * mask[..., None]       # (B, n, 3+F)
+    return z, mask
+
+
+# -- model: EGNN as in EDM (egnn/egnn_new.py); module names match EDM's so its state_dict loads --------------
+
+def pair_linear(lin, h, e):
+    """lin(cat[h_i, h_j, e_ij]) for all pairs without building the (B, n, n, 2nf+d) concatenation:
+    split the weight into its h_i, h_j and e parts (same parameters as EDM's nn.Linear, far fewer FLOPs)."""
+    nf = h.shape[-1]
+    w = lin.weight
+    hi = h @ w[:, :nf].T                                                         # (B, n, out)
+    hj = h @ w[:, nf:2 * nf].T                                                   # (B, n, out)
+    return hi[:, :, None] + hj[:, None, :] + e @ w[:, 2 * nf:].T + lin.bias      # (B, n, n, out)
+
+
+class GCL(nn.Module):
+    """Invariant message passing: m_ij = phi_e(h_i, h_j, d_ij), attention-weighted, summed over j."""
+
+    def __init__(self, nf, edge_nf, attention, act):
+        super().__init__()
+        self.edge_mlp = nn.Sequential(nn.Linear(2 * nf + edge_nf, nf), act, nn.Linear(nf, nf), act)
+        self.node_mlp = nn.Sequential(nn.Linear(2 * nf, nf), act, nn.Linear(nf, nf))
+        self.attention = attention
+        if attention:
+            self.att_mlp = nn.Sequential(nn.Linear(nf, 1), nn.Sigmoid())
+
+    def forward(self, h, e, node_mask, edge_mask):
+        m = self.edge_mlp[1:](pair_linear(self.edge_mlp[0], h, e))               # (B, n, n, nf)
+        if self.attention:
+            m = m * self.att_mlp(m)
+        agg = (m * edge_mask).sum(2)                                             # (B, n, nf), normalization_factor 1
+        return (h + self.node_mlp(torch.cat([h, agg], -1))) * node_mask
+
+
+class EquivariantUpdate(nn.Module):
+    """x_i += sum_j (x_i - x_j) / (|x_i - x_j| + 1) * tanh(phi_x(h_i, h_j, d_ij)) * coords_range."""
+
+    def __init__(self, nf, edge_nf, tanh, coords_range, act):
+        super().__init__()
+        last = nn.Linear(nf, 1, bias=False)
+        nn.init.xavier_uniform_(last.weight, gain=0.001)
+        self.coord_mlp = nn.Sequential(nn.Linear(2 * nf + edge_nf, nf), act, nn.Linear(nf, nf), act, last)
+        self.tanh, self.coords_range = tanh, coords_range
+
+    def forward(self, h, x, coord_diff, e, node_mask, edge_mask):
+        w = self.coord_mlp[1:](pair_linear(self.coord_mlp[0], h, e))             # (B, n, n, 1)
+        if self.tanh:
+            w = torch.tanh(w) * self.coords_range
+        return (x + (coord_diff * w * edge_mask).sum(2)) * node_mask
+
+
+def coord2diff(x, norm_constant=1.0):
+    diff = x[:, :, None] - x[:, None, :]                                         # (B, n, n, 3)
+    radial = (diff ** 2).sum(-1, keepdim=True)                                   # (B, n, n, 1)
+    return radial, diff / (torch.sqrt(radial + 1e-8) + norm_constant)
+
+
+class EquivariantBlock(nn.Module):
+    def __init__(self, nf, attention, tanh, act, coords_range=15.0):
+        super().__init__()
+        self.gcl_0 = GCL(nf, 2, attention, act)   # EDM's QM9 model has inv_sublayers = 1
+        self.gcl_equiv = EquivariantUpdate(nf, 2, tanh, coords_range, act)
+
+    def forward(self, h, x, d0, node_mask, edge_mask):
+        radial, coord_diff = coord2diff(x)
+        e = torch.cat([radial, d0], -1)                                          # (B, n, n, 2)
+        h = self.gcl_0(h, e, node_mask, edge_mask)
+        x = self.gcl_equiv(h, x, coord_diff, e, node_mask, edge_mask)
+        return h * node_mask, x
+
+
+class EGNN(nn.Module):
+    def __init__(self, in_nf, nf, n_layers, attention, tanh):
+        super().__init__()
+        act = nn.SiLU()
+        self.embedding = nn.Linear(in_nf, nf)
+        self.embedding_out = nn.Linear(nf, in_nf)
+        for i in range(n_layers):
+            self.add_module(f"e_block_{i}", EquivariantBlock(nf, attention, tanh, act))
+        self.n_layers = n_layers
+
+    def forward(self, h, x, node_mask, edge_mask):
+        d0, _ = coord2diff(x)
+        h = self.embedding(h)
+        for i in range(self.n_layers):
+            h, x = getattr(self, f"e_block_{i}")(h, x, d0, node_mask, edge_mask)
+        return self.embedding_out(h) * node_mask, x
+
+
+def remove_mean(x, mask):
+    """Project positions to zero centre of mass over the real atoms. x (B, n, 3), mask (B, n)."""
+    m = mask[..., None].float()
+    return (x - (x * m).sum(1, keepdim=True) / m.sum(1, keepdim=True).clamp(min=1)) * m
+
+
+class EGNNDynamics(nn.Module):
+    """eps_theta(z_t, t): z = [x (3), h (F)] per atom -> predicted noise of the same shape (EDM's
+    EGNN_dynamics_QM9). The position part is the EGNN's displacement, projected to zero CoM."""
+
+    def __init__(self, nf, n_layers, attention=True, tanh=True, include_charges=True, **_):
+        super().__init__()
+        self.h_nf = 5 + int(include_charges)
+        self.egnn = EGNN(self.h_nf + 1, nf, n_layers, attention, tanh)   # +1: time is a node feature
+
+    def forward(self, z, t, mask):
+        """z (B, n, 3+F), t (B,) in [0, 1], mask (B, n) bool -> eps (B, n, 3+F)."""
+        B, n, _ = z.shape
+        node_mask = mask[..., None].to(z.dtype)                                 # (B, n, 1)
+        edge_mask = (node_mask[:, :, None] * node_mask[:, None, :]) \
+            * (1 - torch.eye(n, device=z.device, dtype=z.dtype))[None, :, :, None]  # (B, n, n, 1), no self-edges
+        x, h = z[..., :3] * node_mask, z[..., 3:] * node_mask
+        h = torch.cat([h, t.view(B, 1, 1).expand(B, n, 1).to(z.dtype)], -1)        # (B, n, F+1)
+        h_out, x_out = self.egnn(h, x, node_mask, edge_mask)
+        vel = remove_mean(x_out - x, mask)
+        return torch.cat([vel, h_out[..., :-1]], -1) * node_mask
+
+
+def build_model(cfg):
+    return EGNNDynamics(**cfg)
+
+
+def edm_state_dict(sd):
+    """EDM's released EnVariationalDiffusion state_dict -> ours: strip 'dynamics.', drop the schedule table
+    ('gamma.gamma', recomputed by common.noise_schedule) and the 'buffer' placeholder."""
+    if not any(k.startswith("dynamics.") for k in sd):
+        return sd
+    return {k[len("dynamics."):]: v for k, v in sd.items() if k.startswith("dynamics.")}
+
+
+def load_reference(ref, device, size_cfg):
+    """(model, cfg) from a path or hf:org/repo/file. A bare state_dict (EDM's released weights) is built with
+    the size flags `size_cfg`; anything missing, corrupt or mismatched exits with one clear line."""
+    try:
+        ckpt = common.load_checkpoint(ref)
+        cfg = (ckpt["config"] or {}).get("model") or size_cfg
+        model = build_model(cfg)
+        sd = ckpt["state_dicts"].get("ema") or ckpt["state_dicts"].get("model")
+        if not isinstance(sd, dict):
+            raise common.CheckpointError(f"{ref!r} has no 'ema' or 'model' weights")
+        common.load_state(model, edm_state_dict(sd), f"checkpoint {ref!r}")
+    except common.CheckpointError as e:
+        raise SystemExit(f"graft_molecule: {e}")
+    return model.to(device).eval(), cfg
+
+
+# -- diffusion: schedule, training loss, sampler (P-GRAFT stitching lives in the sampler) ---------------------
+
+def make_abar(cfg):
+    return torch.tensor(common.noise_schedule(cfg["schedule"], cfg["T"]), dtype=torch.float32)  # (T+1,)
+
+
+def sample_noise(shape, mask, gen=None):
+    """N(0, I) on atoms, with the position part projected to zero centre of mass (EDM's subspace)."""
+    eps = torch.randn(shape, generator=gen) * mask[..., None]
+    return torch.cat([remove_mean(eps[..., :3], mask), eps[..., 3:]], -1)
+
+
+def shaped_loss(net, z_s, mask, abar, t_lo, t_hi, abar_s=1.0, gen=None):
+    """SPEC 3 (P-GRAFT's loss): train eps_theta only for t in [t_lo, t_hi] on data z_s that lives at time s.
+        x_t = sqrt(abar_t/abar_s) x_s + sqrt(1 - abar_t/abar_s) eps',  loss = |eps_theta(x_t, t)/c_t - eps'|^2,
+        c_t = sqrt((1 - abar_t) / (1 - abar_t/abar_s)).
+    abar_s = 1 (x_s = x_0) gives c_t = 1: the ordinary DDPM loss used for pre-training and GRAFT."""
+    B = z_s.shape[0]
+    t = torch.randint(t_lo, t_hi + 1, (B,), generator=gen)
+    ratio = (abar[t] / abar_s).view(B, 1, 1)                                    # abar_t / abar_s
+    eps = sample_noise(z_s.shape, mask, gen)
+    z_t = ratio.sqrt() * z_s + (1 - ratio).sqrt() * eps                         # (B, n, 3+F)
+    c_t = ((1 - abar[t].view(B, 1, 1)) / (1 - ratio)).sqrt()
+    err = ((net(z_t, t.float() / (len(abar) - 1), mask) / c_t - eps) ** 2) * mask[..., None]
+    dims = mask.sum(1) * z_s.shape[-1]
+    return (err.sum((1, 2)) / dims).mean()
+
+
+def time_grid(T, N):
+    """tau_0 = 0 < tau_1 < ... < tau_N = T, evenly spaced integers."""
+    return torch.round(torch.linspace(0, T, N + 1)).long()
+
+
+def step_mean_std(eps, z_t, abar, t, s):
+    """Gaussian p(z_s | z_t) of the ancestral sampler for any s < t (EDM's sample_p_zs_given_zt)."""
+    a_t, a_s = abar[t], abar[s]
+    alpha_ts, sigma2_ts = (a_t / a_s).sqrt(), 1 - a_t / a_s
+    sigma_t, sigma_s = (1 - a_t).sqrt(), (1 - a_s).sqrt()
+    mean = z_t / alpha_ts - (sigma2_ts / alpha_ts / sigma_t) * eps
+    return mean, sigma2_ts.sqrt() * sigma_s / sigma_t
+
+
+def gaussian_logp(z, mean, std, mask):
+    """log N(z; mean, std^2) averaged over the real dimensions (DDPO's convention, SPEC 4). -> (B,)"""
+    lp = (-((z - mean) ** 2) / (2 * std ** 2) - torch.log(std) - 0.5 * math.log(2 * math.pi)) * mask[..., None]
+    return lp.sum((1, 2)) / (mask.sum(1) * z.shape[-1])
+
+
+def decode(z0, mask):
+    """Clean state -> numpy molecules: positions (B, 29, 3) Angstrom, types (B, 29) int8 (-1 padding)."""
+    B, n, _ = z0.shape
+    pos = np.zeros((B, MAX_N, 3), np.float32)
+    types = np.full((B, MAX_N), -1, np.int8)
+    pos[:, :n] = (z0[..., :3] * mask[..., None]).numpy()
+    types[:, :n] = torch.where(mask, z0[..., 3:8].argmax(-1), -1).numpy()
+    return pos, types
+
+
+@torch.no_grad()
+def sample(net_hi, net_lo, n_atoms, abar, N, N_I=0, batch=250, gen=None, keep_x_s=False, keep_traj=False,
+           amp=False, desc="sampling"):
+    """Ancestral sampling over the grid tau_N > ... > tau_0 = 0, then one x_0-prediction (NFE = N + 1).
+    Stitching (SPEC 3): net_hi takes the steps from tau_k for k > N_I (down to s = tau_{N_I}), net_lo the rest
+    and the final x_0-prediction. Reference sampling: both the reference. P-GRAFT: (fine-tuned, reference).
+    RP-GRAFT: (reference, fine-tuned). GRAFT (N_I = 0): (fine-tuned, fine-tuned).
+    Returns a dict of numpy molecules, plus x_s (the state at step N_I, padded to 29 atoms) and, for DDPO,
+    the trajectory (M, N+1, 29, D) and per-step log-probs (M, N)."""
+    T = len(abar) - 1
+    tau = time_grid(T, N)
+    h_nf = next(net_lo.parameters()).new_empty(0)  # dtype/device probe
+    dev = h_nf.device
+    order = np.argsort(n_atoms, kind="stable")  # similar sizes share a batch: little padding
+    out = {k: [] for k in ("pos", "types", "x_s", "traj", "logp")}
+    D = 3 + net_lo.h_nf
+    for b in tqdm(range(0, len(order), batch), desc=desc, leave=False):
+        nb = n_atoms[order[b:b + batch]]
+        B, n = len(nb), int(nb.max())
+        mask = torch.arange(n)[None] < torch.as_tensor(nb)[:, None]            # (B, n)
+        z = sample_noise((B, n, D), mask, gen)                                   # z_T (B, n, D)
+        traj, logps, x_s = [z], [], None
+        for k in range(N, 0, -1):
+            net = net_hi if k > N_I else net_lo
+            t, s = tau[k], tau[k - 1]
+            with common.autocast(dev, amp):
+                eps = net(z.to(dev), torch.full((B,), t / T, device=dev), mask.to(dev)).float().cpu()
+            mean, std = step_mean_std(eps, z, abar, t, s)
+            z_new = mean + std * sample_noise(z.shape, mask, gen)                # (B, n, D)
+            if keep_traj:
+                logps.append(gaussian_logp(z_new, mean, std, mask))
+                traj.append(z_new)
+            z = z_new
+            if k - 1 == N_I and N_I > 0:
+                x_s = z.clone()
+        with common.autocast(dev, amp):
+            eps = net_lo(z.to(dev), torch.zeros(B, device=dev), mask.to(dev)).float().cpu()
+        z0 = (z - (1 - abar[0]).sqrt() * eps) / abar[0].sqrt()
+        pos, types = decode(z0, mask)
+        out["pos"].append(pos), out["types"].append(types)
+        pad = lambda a: F.pad(a, (0, 0, 0, MAX_N - n))
+        if keep_x_s:
+            out["x_s"].append(pad(x_s if x_s is not None else to_features(pos, types, D == 9)[0]))
+        if keep_traj:
+            out["traj"].append(pad(torch.stack(traj, 1)))                         # (B, N+1, 29, D)
+            out["logp"].append(torch.stack(logps, 1))                             # (B, N)
+    inv = np.argsort(order, kind="stable")  # back to the order of n_atoms
+    res = {"pos": np.concatenate(out["pos"])[inv], "types": np.concatenate(out["types"])[inv]}
+    for k in ("x_s", "traj", "logp"):
+        if out[k]:
+            res[k] = torch.cat(out[k])[torch.as_tensor(inv)]
+    return res
+
+
+# -- metrics (SPEC 6, EDM protocol) -----------------------------------------------------------------------------
+
+# bond lengths in pm, rows/cols H C N O F; 0 = that bond order does not exist for the pair
+B1 = np.array([[74, 109, 101, 96, 92], [109, 154, 147, 143, 135], [101, 147, 145, 140, 136],
+               [96, 143, 140, 148, 142], [92, 135, 136, 142, 142]], np.float64)
+B2 = np.zeros((5, 5))
+B3 = np.zeros((5, 5))
+for (a, b), d in {("C", "C"): 134, ("C", "N"): 129, ("C", "O"): 120, ("N", "N"): 125, ("N", "O"): 121,
+                  ("O", "O"): 121}.items():
+    B2[ATOMS.index(a), ATOMS.index(b)] = B2[ATOMS.index(b), ATOMS.index(a)] = d
+for (a, b), d in {("C", "C"): 120, ("C", "N"): 116, ("C", "O"): 113, ("N", "N"): 110}.items():
+    B3[ATOMS.index(a), ATOMS.index(b)] = B3[ATOMS.index(b), ATOMS.index(a)] = d
+VALENCE = np.array([1, 4, 3, 2, 1])
+
+
+def bond_orders(pos, types):
+    """EDM's get_bond_order for every pair of one molecule: pos (n, 3) Angstrom, types (n,) -> (n, n) int."""
+    d = 100 * np.sqrt(((pos[:, None] - pos[None]) ** 2).sum(-1))                  # pm
+    a, b = types[:, None], types[None]
+    order = np.where(d < B1[a, b] + 10, 1, 0)
+    double = (B2[a, b] > 0) & (d < B2[a, b] + 5)
+    triple = double & (B3[a, b] > 0) & (d < B3[a, b] + 3)
+    order = np.where(triple, 3, np.where(double, 2, order))
+    np.fill_diagonal(order, 0)
+    return order
+
+
+class Molecule:
+    """One generated molecule as a reward function sees it (see README, "add your own reward")."""
+
+    def __init__(self, pos, types):
+        keep = types >= 0
+        self.pos, self.types = pos[keep], types[keep].astype(int)       # (n, 3) Angstrom, (n,) atom indices
+        self.atoms = [ATOMS[t] for t in self.types]
+        self.bonds = bond_orders(self.pos, self.types)                  # (n, n) EDM bond orders
+        self.atom_stable = self.bonds.sum(1) == VALENCE[self.types]     # (n,) bool
+        self.stable = bool(self.atom_stable.all())
+        self.mol, self.smiles = build_rdkit(self.types, self.bonds)     # largest fragment, or (None, None)
+
+
+def build_rdkit(types, bonds):
+    """EDM's build_molecule + mol2smiles: RDKit molecule from the EDM bonds, sanitized, largest fragment."""
+    from rdkit import Chem
+    mol = Chem.RWMol()
+    for t in types:
+        mol.AddAtom(Chem.Atom(ATOMS[t]))
+    kinds = {1: Chem.BondType.SINGLE, 2: Chem.BondType.DOUBLE, 3: Chem.BondType.TRIPLE}
+    for i, j in zip(*np.nonzero(np.triu(bonds))):
+        mol.AddBond(int(i), int(j), kinds[int(bonds[i, j])])
+    try:
+        Chem.SanitizeMol(mol)
+    except Exception:
+        return None, None
+    frags = Chem.GetMolFrags(mol, asMols=True, sanitizeFrags=False)
+    largest = max(frags, default=mol, key=lambda m: m.GetNumAtoms())
+    try:
+        Chem.SanitizeMol(largest)
+        return largest, Chem.MolToSmiles(largest)
+    except Exception:
+        return None, None
+
+
+def molecules(samples):
+    return [Molecule(p, t) for p, t in zip(samples["pos"], samples["types"])]
+
+
+def evaluate(mols, train_smiles):
+    """Atom / molecule stability, validity, uniqueness, novelty (SPEC 6), each with a 95% CI."""
+    atom_ok = np.concatenate([m.atom_stable for m in mols])
+    valid = [m.smiles for m in mols if m.smiles is not None]
+    uniq = set(valid)
+    novel = [s not in train_smiles for s in uniq]
+    return {"mol_stable": common.mean_ci95([m.stable for m in mols]),
+            "atom_stable": common.mean_ci95(atom_ok),
+            "valid": common.mean_ci95([m.smiles is not None for m in mols]),
+            "unique": common.mean_ci95([1.0] * len(uniq) + [0.0] * (len(valid) - len(uniq))),
+            "novel": common.mean_ci95(novel),
+            "n_unique_valid": len(uniq)}
+
+
+def training_smiles(data, data_dir):
+    """Canonical SMILES of the training molecules through the same 3-D -> bonds -> RDKit path (EDM's)."""
+    cache = os.path.join(data_dir, "train_smiles.txt")
+    if not os.path.exists(cache):
+        tr = data["train"]
+        smi = [Molecule(p, t).smiles for p, t in tqdm(zip(tr["pos"], tr["types"]), total=len(tr["n"]),
+                                                       desc="training SMILES", leave=False)]
+        with open(cache + ".tmp", "w") as f:
+            f.write("\n".join(s for s in smi if s))
+        os.replace(cache + ".tmp", cache)
+    with open(cache) as f:
+        return set(f.read().split())
+
+
+# -- pre-training the reference model (resumable) ---------------------------------------------------------------
+
+def pretrain(args, device):
+    """EDM's training: uniform t, eps loss on positions and features jointly, Adam, EMA weights for sampling.
+    Resumes from <out>/ref.pt; saves atomically every few minutes and at the end."""
+    data = load_qm9(args.data_dir)["train"]
+    cfg = model_config(args)
+    path = os.path.join(args.out, "ref.pt")
+    model = build_model(cfg).to(device)
+    ema = build_model(cfg).to(device)
+    ema.load_state_dict(model.state_dict())
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, amsgrad=True, weight_decay=1e-12)
+    step, wall = 0, 0.0
+    if os.path.exists(path):
+        ckpt = common.load_checkpoint(path)
+        if ckpt["config"]["model"] != cfg:
+            raise SystemExit(f"graft_molecule: {path} was trained with {ckpt['config']['model']}, not {cfg}; "
+                             f"use another --out or the same size flags")
+        model.load_state_dict(ckpt["state_dicts"]["model"]), ema.load_state_dict(ckpt["state_dicts"]["ema"])
+        opt.load_state_dict(ckpt["state_dicts"]["opt"])
+        step, wall = ckpt["extra"]["step"], ckpt["extra"]["wall_s"]
+        print(f"resuming pre-training at step {step} ({wall / 3600:.2f} h so far)")
+    print(f"pre-training {sum(p.numel() for p in model.parameters()):,} parameters, batch {args.batch_size}, "
+          f"lr {args.lr}, to step {args.train_steps}")
+    abar = make_abar(cfg).to(device)
+    net = common.maybe_compile(model, args.compile)
+    gen = torch.Generator().manual_seed(args.seed + step)  # a resumed run reshuffles from where it stands
+
+    def save():
+        common.save_checkpoint(path, {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict()},
+                               {"model": cfg, "command": " ".join(sys.argv)},
+                               {"step": step, "wall_s": wall, "hardware": f"{device.type}, {torch.get_num_threads()} threads"})
+
+    t_start, wall0, last_save, losses = time.time(), wall, time.time(), []
+    bar = tqdm(total=args.train_steps, initial=step, desc="pre-training")
+    done = step >= args.train_steps
+    while not done:
+        for idx in size_bucketed_batches(data["n"], args.batch_size, gen):
+            z, mask = to_features(data["pos"][idx], data["types"][idx], cfg["include_charges"])
+            with common.autocast(device, args.amp):
+                loss = shaped_loss(net, z.to(device), mask.to(device), abar, 1, cfg["T"])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            common.ema_update(ema, model, args.ema_decay)
+            step += 1
+            losses.append(loss.item())
+            bar.update(1)
+            if step % 100 == 0:
+                bar.set_postfix(loss=f"{np.mean(losses[-100:]):.4f}")
+            now = time.time()
+            wall = wall0 + now - t_start
+            done = step >= args.train_steps or (args.max_minutes is not None and now - t_start > 60 * args.max_minutes)
+            if done or now - last_save > 300:
+                save()
+                last_save = now
+            if done:
+                break
+    bar.close()
+    print(f"saved {path} at step {step}")
+
+
+# -- reward: a plain function of a list of Molecule -> tensor (B,); add your own to REWARDS ---------------------
+
+def reward_stable(mols):
+    """1 if every atom has its allowed valence under the EDM bond tables (the paper's molecule reward)."""
+    return torch.tensor([float(m.stable) for m in mols])
+
+
+def reward_atom_stable(mols):
+    return torch.tensor([float(m.atom_stable.mean()) for m in mols])
+
+
+def reward_valid(mols):
+    return torch.tensor([float(m.smiles is not None) for m in mols])
+
+
+def reward_qed(mols):
+    from rdkit.Chem import QED
+    return torch.tensor([QED.qed(m.mol) if m.mol is not None else 0.0 for m in mols])
+
+
+REWARDS = {"stable": reward_stable, "atom_stable": reward_atom_stable, "valid": reward_valid, "qed": reward_qed}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(max(torch.get_num_threads(), 1))
+    common.seed_everything(args.seed)
+    device = common.get_device(args.device)
+    if args.pretrain:
+        args.out = args.out or os.path.join("runs", f"molecule_pretrain_{args.preset}")
+        return pretrain(args, device)
+
+
+if __name__ == "__main__":
+    main()
