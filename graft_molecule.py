@@ -415,56 +415,61 @@ def decode(z0, mask):
 
 
 @torch.no_grad()
-def sample(net_hi, net_lo, n_atoms, abar, N, N_I=0, batch=250, gen=None, keep_x_s=False, keep_traj=False,
+def sample(net_hi, net_lo, n_atoms, abar, N, N_I=0, batch=250, save_at=(), keep_traj=False, x_start=None,
            amp=False, desc="sampling"):
     """Ancestral sampling over the grid tau_N > ... > tau_0 = 0, then one x_0-prediction (NFE = N + 1).
     Stitching (SPEC 3): net_hi takes the steps from tau_k for k > N_I (down to s = tau_{N_I}), net_lo the rest
     and the final x_0-prediction. Reference sampling: both the reference. P-GRAFT: (fine-tuned, reference).
     RP-GRAFT: (reference, fine-tuned). GRAFT (N_I = 0): (fine-tuned, fine-tuned).
-    Returns a dict of numpy molecules, plus x_s (the state at step N_I, padded to 29 atoms) and, for DDPO,
-    the trajectory (M, N+1, 29, D) and per-step log-probs (M, N)."""
+    save_at: step indices k whose state z_{tau_k} is returned in res["x_s"][k] (padded to 29 atoms); k = 0 gives
+    the decoded clean molecule as features (GRAFT's data). x_start: (M, 29, D) states at step N_I to continue
+    from (for the variance measurement). keep_traj: the trajectory (M, N+1, 29, D) and log-probs (M, N), for DDPO.
+    Node counts are grouped by size so a batch wastes little on padding; results come back in input order."""
     T = len(abar) - 1
     tau = time_grid(T, N)
-    h_nf = next(net_lo.parameters()).new_empty(0)  # dtype/device probe
-    dev = h_nf.device
-    order = np.argsort(n_atoms, kind="stable")  # similar sizes share a batch: little padding
-    out = {k: [] for k in ("pos", "types", "x_s", "traj", "logp")}
+    dev = next(net_lo.parameters()).device
     D = 3 + net_lo.h_nf
+    order = np.argsort(n_atoms, kind="stable")
+    out = {k: [] for k in ("pos", "types", "traj", "logp")}
+    x_s = {k: [] for k in save_at}
+    pad = lambda a: F.pad(a, (0, 0, 0, MAX_N - a.shape[-2]))
     for b in tqdm(range(0, len(order), batch), desc=desc, leave=False):
         nb = n_atoms[order[b:b + batch]]
         B, n = len(nb), int(nb.max())
-        mask = torch.arange(n)[None] < torch.as_tensor(nb)[:, None]            # (B, n)
-        z = sample_noise((B, n, D), mask, gen)                                   # z_T (B, n, D)
-        traj, logps, x_s = [z], [], None
-        for k in range(N, 0, -1):
+        mask = torch.arange(n)[None] < torch.as_tensor(nb)[:, None]             # (B, n)
+        if x_start is None:
+            z, k0 = sample_noise((B, n, D), mask), N                             # z_T (B, n, D)
+        else:
+            z, k0 = x_start[order[b:b + batch]][:, :n].clone(), N_I
+        traj, logps = [z], []
+        for k in range(k0, 0, -1):
+            if k in x_s:
+                x_s[k].append(pad(z))
             net = net_hi if k > N_I else net_lo
             t, s = tau[k], tau[k - 1]
             with common.autocast(dev, amp):
                 eps = net(z.to(dev), torch.full((B,), t / T, device=dev), mask.to(dev)).float().cpu()
             mean, std = step_mean_std(eps, z, abar, t, s)
-            z_new = mean + std * sample_noise(z.shape, mask, gen)                # (B, n, D)
+            z_new = mean + std * sample_noise(z.shape, mask)                     # (B, n, D)
             if keep_traj:
                 logps.append(gaussian_logp(z_new, mean, std, mask))
                 traj.append(z_new)
             z = z_new
-            if k - 1 == N_I and N_I > 0:
-                x_s = z.clone()
         with common.autocast(dev, amp):
             eps = net_lo(z.to(dev), torch.zeros(B, device=dev), mask.to(dev)).float().cpu()
         z0 = (z - (1 - abar[0]).sqrt() * eps) / abar[0].sqrt()
         pos, types = decode(z0, mask)
         out["pos"].append(pos), out["types"].append(types)
-        pad = lambda a: F.pad(a, (0, 0, 0, MAX_N - n))
-        if keep_x_s:
-            out["x_s"].append(pad(x_s if x_s is not None else to_features(pos, types, D == 9)[0]))
+        if 0 in x_s:
+            x_s[0].append(pad(to_features(pos, types, D == 9)[0]))
         if keep_traj:
-            out["traj"].append(pad(torch.stack(traj, 1)))                         # (B, N+1, 29, D)
-            out["logp"].append(torch.stack(logps, 1))                             # (B, N)
-    inv = np.argsort(order, kind="stable")  # back to the order of n_atoms
-    res = {"pos": np.concatenate(out["pos"])[inv], "types": np.concatenate(out["types"])[inv]}
-    for k in ("x_s", "traj", "logp"):
-        if out[k]:
-            res[k] = torch.cat(out[k])[torch.as_tensor(inv)]
+            out["traj"].append(pad(torch.stack(traj, 1)))                        # (B, N+1, 29, D)
+            out["logp"].append(torch.stack(logps, 1))                            # (B, N)
+    inv = np.argsort(order, kind="stable")
+    res = {"pos": np.concatenate(out["pos"])[inv], "types": np.concatenate(out["types"])[inv],
+           "x_s": {k: torch.cat(v)[torch.as_tensor(inv)] for k, v in x_s.items()}}
+    if keep_traj:
+        res["traj"], res["logp"] = torch.cat(out["traj"])[torch.as_tensor(inv)], torch.cat(out["logp"])[torch.as_tensor(inv)]
     return res
 
 
@@ -510,7 +515,8 @@ class Molecule:
 
 def build_rdkit(types, bonds):
     """EDM's build_molecule + mol2smiles: RDKit molecule from the EDM bonds, sanitized, largest fragment."""
-    from rdkit import Chem
+    from rdkit import Chem, RDLogger
+    RDLogger.DisableLog("rdApp.*")  # a failed sanitization is a counted outcome, not news
     mol = Chem.RWMol()
     for t in types:
         mol.AddAtom(Chem.Atom(ATOMS[t]))
@@ -560,6 +566,29 @@ def training_smiles(data, data_dir):
         os.replace(cache + ".tmp", cache)
     with open(cache) as f:
         return set(f.read().split())
+
+
+# -- reward: a plain function of a list of Molecule -> tensor (B,); add your own to REWARDS ---------------------
+
+def reward_stable(mols):
+    """1 if every atom has its allowed valence under the EDM bond tables (the paper's molecule reward)."""
+    return torch.tensor([float(m.stable) for m in mols])
+
+
+def reward_atom_stable(mols):
+    return torch.tensor([float(m.atom_stable.mean()) for m in mols])
+
+
+def reward_valid(mols):
+    return torch.tensor([float(m.smiles is not None) for m in mols])
+
+
+def reward_qed(mols):
+    from rdkit.Chem import QED
+    return torch.tensor([QED.qed(m.mol) if m.mol is not None else 0.0 for m in mols])
+
+
+REWARDS = {"stable": reward_stable, "atom_stable": reward_atom_stable, "valid": reward_valid, "qed": reward_qed}
 
 
 # -- pre-training the reference model (resumable) ---------------------------------------------------------------
@@ -625,37 +654,311 @@ def pretrain(args, device):
     print(f"saved {path} at step {step}")
 
 
-# -- reward: a plain function of a list of Molecule -> tensor (B,); add your own to REWARDS ---------------------
+# -- fine-tuning: GRAFT / P-GRAFT / RP-GRAFT (paper Alg. 1-2) and DDPO (SPEC 4) ---------------------------------
 
-def reward_stable(mols):
-    """1 if every atom has its allowed valence under the EDM bond tables (the paper's molecule reward)."""
-    return torch.tensor([float(m.stable) for m in mols])
-
-
-def reward_atom_stable(mols):
-    return torch.tensor([float(m.atom_stable.mean()) for m in mols])
+def method_name(args):
+    if args.algo == "ddpo":
+        return "ddpo"
+    return "rpgraft" if args.rp else ("pgraft" if args.N_I > 0 else "graft")
 
 
-def reward_valid(mols):
-    return torch.tensor([float(m.smiles is not None) for m in mols])
+def samplers(args, ref, ft):
+    """(net_hi, net_lo, N_I) of the fine-tuned sampler: who denoises above s and who below (SPEC 3)."""
+    if args.algo == "ddpo" or args.N_I == 0:
+        return ft, ft, 0
+    return (ref, ft, args.N_I) if args.rp else (ft, ref, args.N_I)
 
 
-def reward_qed(mols):
-    from rdkit.Chem import QED
-    return torch.tensor([QED.qed(m.mol) if m.mol is not None else 0.0 for m in mols])
+def training_window(args, abar, tau):
+    """(save step, t_lo, t_hi, abar_s): which state is kept and which t the fine-tuned model learns.
+    GRAFT: x_0, t in [1, T]. P-GRAFT: x_s, t in (s, T] with the shaped loss. RP-GRAFT: x_0, t in [1, s]."""
+    T = len(abar) - 1
+    s = int(tau[args.N_I])
+    if args.N_I == 0:
+        return 0, 1, T, 1.0
+    if args.rp:
+        return 0, 1, s, 1.0
+    return args.N_I, s + 1, T, float(abar[s])
 
 
-REWARDS = {"stable": reward_stable, "atom_stable": reward_atom_stable, "valid": reward_valid, "qed": reward_qed}
+def train_on_accepted(ft, opt, x_acc, n_acc, abar, t_lo, t_hi, abar_s, steps, batch, amp):
+    """Fine-tune on the accepted states with SPEC 3's loss; one gradient call = one (x_t, t) pair."""
+    dev = next(ft.parameters()).device
+    mask_all = torch.arange(MAX_N)[None] < torch.as_tensor(n_acc)[:, None]       # (K, 29)
+    ft.train()
+    for _ in tqdm(range(steps), desc="fine-tuning", leave=False):
+        idx = torch.randint(len(x_acc), (batch,))
+        n = int(n_acc[idx.numpy()].max())
+        z, mask = x_acc[idx, :n].to(dev), mask_all[idx, :n].to(dev)
+        with common.autocast(dev, amp):
+            loss = shaped_loss(ft, z, mask, abar.to(dev), t_lo, t_hi, abar_s)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(ft.parameters(), 1.0)
+        opt.step()
+    ft.eval()
+    return steps * batch
 
+
+def ddpo_update(ft, opt, res, rewards, n_atoms, abar, N, args):
+    """One inner epoch of PPO on the sampled trajectories (SPEC 4): advantages standardised over the batch
+    (one 'prompt'), clipped to +-5; clipped surrogate on the per-dimension-averaged log-probs; grad clip 1."""
+    dev = next(ft.parameters()).device
+    T, tau = len(abar) - 1, time_grid(len(abar) - 1, N)
+    adv = ((rewards - rewards.mean()) / (rewards.std() + 1e-8)).clamp(-5, 5)
+    mask_all = torch.arange(MAX_N)[None] < torch.as_tensor(n_atoms)[:, None]
+    # the last step (tau_1 -> 0) has a near-zero std, so its log-prob ratio is numerically explosive: skip it
+    trainable = torch.arange(N - 1)
+    n_steps = max(1, round(args.ddpo_steps_frac * len(trainable)))
+    grad_calls = 0
+    perm = torch.randperm(len(rewards))
+    ft.train()
+    for b in tqdm(range(0, len(perm), args.ddpo_batch), desc="DDPO", leave=False):
+        idx = perm[b:b + args.ddpo_batch]
+        n = int(n_atoms[idx.numpy()].max())
+        mask = mask_all[idx, :n].to(dev)
+        opt.zero_grad(set_to_none=True)
+        for j in trainable[torch.randperm(len(trainable))[:n_steps]].tolist():
+            k = N - j                                               # the step from tau_k to tau_{k-1}
+            z_t, z_s = res["traj"][idx, j, :n].to(dev), res["traj"][idx, j + 1, :n].to(dev)
+            with common.autocast(dev, args.amp):
+                eps = ft(z_t, torch.full((len(idx),), float(tau[k]) / T, device=dev), mask).float()
+            mean, std = step_mean_std(eps, z_t, abar.to(dev), tau[k], tau[k - 1])
+            ratio = torch.exp(gaussian_logp(z_s, mean, std, mask) - res["logp"][idx, j].to(dev))
+            a = adv[idx].to(dev)
+            loss = torch.maximum(-a * ratio, -a * ratio.clamp(1 - args.ddpo_clip, 1 + args.ddpo_clip)).mean()
+            (loss / n_steps).backward()
+            grad_calls += len(idx)
+        torch.nn.utils.clip_grad_norm_(ft.parameters(), 1.0)
+        opt.step()
+    ft.eval()
+    return grad_calls
+
+
+def score(samples, reward_fn):
+    """Molecules and their rewards; a reward that is NaN or of the wrong shape stops the run."""
+    mols = molecules(samples)
+    r = torch.as_tensor(reward_fn(mols), dtype=torch.float32)
+    if r.shape != (len(mols),):
+        raise SystemExit(f"graft_molecule: the reward returned shape {tuple(r.shape)}, expected ({len(mols)},)")
+    if not torch.isfinite(r).all():
+        raise SystemExit(f"graft_molecule: the reward returned {int((~torch.isfinite(r)).sum())} NaN/inf values")
+    return mols, r
+
+
+RESUME_KEYS = ("algo", "n_i", "rp", "M", "K", "accept", "tau", "dedup", "sample_from", "ft_steps", "ft_lr",
+               "reward", "N", "T", "seed", "batch_size", "ddpo_lr", "ddpo_batch", "ddpo_steps_frac", "ddpo_clip")
+
+
+def finetune(args, ref, ref_cfg, abar, hist, device):
+    """GRAFT rounds (or DDPO epochs): draw M, score, accept, train; a checkpoint after every round."""
+    ft = build_model(ref_cfg).to(device)
+    ft.load_state_dict(ref.state_dict())
+    lr = args.ddpo_lr if args.algo == "ddpo" else args.ft_lr
+    opt = torch.optim.Adam(ft.parameters(), lr=lr)
+    state_path = os.path.join(args.out, "state.pt")
+    key = {k: getattr(args, k) for k in RESUME_KEYS} | {"ref": args.ref}
+    rounds, compute, start = [], {"samples": 0, "nfe_sampling": 0, "grad_calls": 0, "wall_s": 0.0}, 0
+    if os.path.exists(state_path):
+        st = common.load_checkpoint(state_path)
+        if st["config"]["resume_key"] != key:
+            raise SystemExit(f"graft_molecule: {args.out} holds a run with other settings; use another --out")
+        common.load_state(ft, st["state_dicts"]["model"], state_path)
+        opt.load_state_dict(st["state_dicts"]["opt"])
+        rounds, compute = st["extra"]["rounds"], st["extra"]["compute"]
+        start = len(rounds)
+        print(f"resuming after round {start}")
+    tau = time_grid(len(abar) - 1, args.N)
+    save_k, t_lo, t_hi, abar_s = training_window(args, abar, tau)
+    reward_fn = REWARDS[args.reward]
+    for rnd in range(start, args.rounds):
+        t0 = time.time()
+        torch.manual_seed(args.seed * 1_000_003 + rnd)  # per-round seeding: a resumed run repeats exactly
+        n_atoms = np.random.RandomState(args.seed * 1_000_003 + rnd).choice(len(hist), args.M, p=hist)
+        if args.sample_from == "reference":
+            hi, lo, N_I = ref, ref, args.N_I
+        else:
+            hi, lo, N_I = samplers(args, ref, ft)
+        res = sample(hi, lo, n_atoms, abar, args.N, N_I, args.sample_batch, save_at=() if args.algo == "ddpo"
+                     else (save_k,), keep_traj=args.algo == "ddpo", amp=args.amp, desc=f"round {rnd + 1} sampling")
+        mols, r = score(res, reward_fn)
+        if args.algo == "ddpo":
+            grad = ddpo_update(ft, opt, res, r, n_atoms, abar, args.N, args)
+            n_acc = args.M
+        else:
+            keys = [m.smiles for m in mols] if args.dedup else None
+            acc = common.accept(r, args.accept, K=args.K, tau=args.tau, keys=keys)
+            n_acc = len(acc)
+            if n_acc == 0:
+                raise SystemExit(f"graft_molecule: round {rnd + 1} accepted no sample; lower --tau or raise --M")
+            grad = train_on_accepted(ft, opt, res["x_s"][save_k][acc], n_atoms[acc.numpy()], abar, t_lo, t_hi,
+                                     abar_s, args.ft_steps, args.batch_size, args.amp)
+        valid = [m.smiles for m in mols if m.smiles is not None]
+        wall = time.time() - t0
+        compute = {"samples": compute["samples"] + args.M, "nfe_sampling": compute["nfe_sampling"] + args.M * (args.N + 1),
+                   "grad_calls": compute["grad_calls"] + grad, "wall_s": compute["wall_s"] + wall}
+        rounds.append({"round": rnd + 1, "mean_reward": float(r.mean()), "accept_rate": n_acc / args.M,
+                       "accepted_mean_reward": float(r[acc].mean()) if args.algo != "ddpo" else None,
+                       "mol_stable": float(np.mean([m.stable for m in mols])),
+                       "valid": len(valid) / len(mols), "unique": len(set(valid)) / max(len(valid), 1),
+                       "samples_per_s": args.M / wall, "round_wall_s": wall, **compute})
+        common.save_checkpoint(state_path, {"model": ft.state_dict(), "opt": opt.state_dict()},
+                               {"resume_key": key, "model": ref_cfg}, {"rounds": rounds, "compute": compute})
+        write_metrics(args.out, rounds)
+        print(f"round {rnd + 1}/{args.rounds}: mean reward {r.mean():.3f}, accepted {n_acc}/{args.M}, "
+              f"unique {rounds[-1]['unique']:.3f}, {args.M / wall:.1f} samples/s")
+    return ft, rounds, compute
+
+
+def write_metrics(out, rounds):
+    with open(os.path.join(out, "metrics.jsonl.tmp"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rounds)
+    os.replace(os.path.join(out, "metrics.jsonl.tmp"), os.path.join(out, "metrics.jsonl"))
+
+
+# -- evaluation -------------------------------------------------------------------------------------------------
+
+def evaluate_sampler(hi, lo, N_I, args, abar, hist, train_smiles, desc):
+    """n_eval molecules from the same seed for every model (common random numbers), SPEC 6 metrics."""
+    torch.manual_seed(args.seed + 12_345)
+    n_atoms = np.random.RandomState(args.seed + 12_345).choice(len(hist), args.n_eval, p=hist)
+    t0 = time.time()
+    res = sample(hi, lo, n_atoms, abar, args.N, N_I, args.sample_batch, amp=args.amp, desc=desc)
+    mols, r = score(res, REWARDS[args.reward])
+    metrics = evaluate(mols, train_smiles) | {"reward": common.mean_ci95(r.numpy())}
+    return {"n_samples": args.n_eval, "nfe": args.n_eval * (args.N + 1), "wall_s": time.time() - t0,
+            "samples_per_s": args.n_eval / (time.time() - t0), "metrics": metrics}, res
+
+
+def reference_eval(args, ref, abar, hist, train_smiles):
+    """The reference model's evaluation, cached by (checkpoint bytes, sampler, n_eval, seed, reward): every run of
+    a sweep compares against the same numbers without paying for them again."""
+    import hashlib
+    with open(common.resolve_ref(args.ref), "rb") as f:
+        digest = hashlib.sha1(f.read()).hexdigest()[:12]
+    tag = f"{digest}_N{args.N}_n{args.n_eval}_s{args.seed}_{args.reward}"
+    cache = os.path.join(args.data_dir, "reference_evals", tag)
+    if os.path.exists(cache + ".json"):
+        with open(cache + ".json") as f:
+            ev = json.load(f)
+        z = np.load(cache + ".npz")
+        return ev, {"pos": z["pos"], "types": z["types"]}
+    ev, res = evaluate_sampler(ref, ref, 0, args, abar, hist, train_smiles, "reference eval")
+    os.makedirs(os.path.dirname(cache), exist_ok=True)
+    np.savez_compressed(cache + ".tmp.npz", pos=res["pos"], types=res["types"])
+    os.replace(cache + ".tmp.npz", cache + ".npz")
+    common.write_json(cache + ".json", ev)
+    return ev, res
+
+
+def save_grid(samples, path, n=24):
+    """PNG grid of the first n valid molecules (RDKit 2-D depictions, hydrogens hidden), stable ones marked."""
+    from rdkit import Chem
+    from rdkit.Chem import Draw
+    mols, legends = [], []
+    for m in molecules({"pos": samples["pos"][:4 * n], "types": samples["types"][:4 * n]}):
+        if m.mol is not None and len(mols) < n:
+            mols.append(Chem.RemoveHs(m.mol, sanitize=False))
+            legends.append(("stable " if m.stable else "") + m.smiles[:28])
+    if mols:
+        Draw.MolsToGridImage(mols, molsPerRow=6, subImgSize=(220, 180), legends=legends).save(path)
+
+
+def plot_rounds(out, rounds, reference):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    x = [0] + [r["round"] for r in rounds]
+    ax.plot(x, [reference["metrics"]["mol_stable"]["mean"]] + [r["mol_stable"] for r in rounds], "o-",
+            label="molecule stability of the round's samples")
+    ax.plot(x, [reference["metrics"]["unique"]["mean"]] + [r["unique"] for r in rounds], "s--", label="uniqueness")
+    ax.set_xlabel("round (0 = reference)"), ax.legend(fontsize=8), ax.grid(alpha=0.3)
+    fig.tight_layout(), fig.savefig(os.path.join(out, "rounds.png"), dpi=120), plt.close(fig)
+
+
+def measure_variance(args, ref, abar, hist):
+    """SPEC 3: E[Var(r(X_0) | X_t)] at t = tau_{N_I} for a grid of n_i. P base trajectories of the reference,
+    R stochastic continuations from each saved x_t, the within-group variance averaged over groups."""
+    grid = sorted({round(f * args.N) for f in (0.1, 0.25, 0.5, 0.75, 0.9, 1.0)})
+    torch.manual_seed(args.seed)
+    n_atoms = np.random.RandomState(args.seed).choice(len(hist), args.var_P, p=hist)
+    base = sample(ref, ref, n_atoms, abar, args.N, 0, args.sample_batch, save_at=grid, desc="base trajectories")
+    curve = []
+    for N_I in grid:
+        x = base["x_s"][N_I].repeat_interleave(args.var_R, 0)                     # (P R, 29, D)
+        res = sample(ref, ref, np.repeat(n_atoms, args.var_R), abar, args.N, N_I, args.sample_batch, x_start=x,
+                     desc=f"continuations from N_I={N_I}")
+        r = score(res, REWARDS[args.reward])[1].view(args.var_P, args.var_R)
+        within = r.var(1, unbiased=True)                                         # (P,)
+        curve.append({"n_i": N_I / args.N, "N_I": N_I, "t": int(time_grid(args.T, args.N)[N_I]),
+                      "cond_var": common.mean_ci95(within.numpy()), "total_var": float(r.flatten().var())})
+        print(f"n_i {N_I / args.N:.2f}: E[Var(r|x_t)] = {within.mean():.4f} (total Var(r) {r.var():.4f})")
+    common.write_json(os.path.join(args.out, "variance.json"), {"reward": args.reward, "P": args.var_P,
+                                                                  "R": args.var_R, "N": args.N, "curve": curve})
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    m = [c["cond_var"]["mean"] for c in curve]
+    lo = [c["cond_var"]["mean"] - c["cond_var"]["ci95"][0] for c in curve]
+    ax.errorbar([c["n_i"] for c in curve], m, yerr=lo, fmt="o-", capsize=3)
+    ax.set_xlabel("n_i  (switch step N_I / N)"), ax.set_ylabel(f"E[Var({args.reward} | x_t)]"), ax.grid(alpha=0.3)
+    fig.tight_layout(), fig.savefig(os.path.join(args.out, "variance_curve.png"), dpi=120), plt.close(fig)
+    return curve
+
+
+# -- main -------------------------------------------------------------------------------------------------------
 
 def main(argv=None):
     args = parse_args(argv)
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
     common.seed_everything(args.seed)
     device = common.get_device(args.device)
     if args.pretrain:
         args.out = args.out or os.path.join("runs", f"molecule_pretrain_{args.preset}")
         return pretrain(args, device)
+    method = "reference" if args.eval_only else "variance" if args.measure_variance else method_name(args)
+    args.out = args.out or os.path.join("runs", f"molecule_{method}" + (f"_ni{args.n_i}" if args.N_I else ""))
+    os.makedirs(args.out, exist_ok=True)
+    ref, ref_cfg = load_reference(args.ref, device, model_config(args))
+    data = load_qm9(args.data_dir)
+    hist = np.bincount(data["train"]["n"], minlength=MAX_N + 1) / len(data["train"]["n"])  # p(n atoms)
+    abar = make_abar(ref_cfg)
+    ref = common.maybe_compile(ref, args.compile)
+    tau = time_grid(ref_cfg["T"], args.N)
+    print(f"reference: {args.ref} ({sum(p.numel() for p in ref.parameters()):,} parameters, {ref_cfg})")
+    if args.measure_variance:
+        return measure_variance(args, ref, abar, hist)
+    grad_per_round = (args.M * max(1, round(args.ddpo_steps_frac * (args.N - 1))) if args.algo == "ddpo"
+                      else args.ft_steps * args.batch_size)
+    if not args.eval_only:
+        print(f"{method}: M {args.M}, K {args.K} (K/M {args.K / args.M:.2f}, {args.accept}, dedup {args.dedup}), "
+              f"rounds {args.rounds}, N {args.N}, N_I {args.N_I}, s = tau_N_I = {int(tau[args.N_I])}/{ref_cfg['T']}, "
+              f"reward {args.reward}; per round: NFE {args.M * (args.N + 1):,}, gradient calls {grad_per_round:,}")
+    train_smiles = training_smiles(data, args.data_dir)
+    t0 = time.time()
+    reference, ref_samples = reference_eval(args, ref, abar, hist, train_smiles)
+    save_grid(ref_samples, os.path.join(args.out, "molecules_reference.png"))
+    results = {"task": "molecule", "method": method, "n_i": args.n_i,
+               "command": "python graft_molecule.py " + " ".join(sys.argv[1:] if argv is None else argv),
+               "config": {k: v for k, v in vars(args).items()} | {"model": ref_cfg}, "reference": reference}
+    if not args.eval_only:
+        ft, rounds, compute = finetune(args, ref, ref_cfg, abar, hist, device)
+        ft = common.maybe_compile(ft, args.compile)
+        hi, lo, N_I = samplers(args, ref, ft)
+        finetuned, ft_samples = evaluate_sampler(hi, lo, N_I, args, abar, hist, train_smiles, "fine-tuned eval")
+        save_grid(ft_samples, os.path.join(args.out, "molecules_finetuned.png"))
+        plot_rounds(args.out, rounds, reference)
+        results |= {"finetuned": finetuned, "compute": compute, "rounds": rounds}
+    results["wall_s"] = time.time() - t0
+    common.write_json(os.path.join(args.out, "results.json"), results)
+    for name in ("reference", "finetuned"):
+        if name in results:
+            m = results[name]["metrics"]
+            print(f"{name:>10}: " + ", ".join(f"{k} {m[k]['mean']:.3f}" for k in
+                                              ("mol_stable", "atom_stable", "valid", "unique", "novel")))
+    print(f"wrote {os.path.join(args.out, 'results.json')}")
+    return results
 
 
 if __name__ == "__main__":
