@@ -145,6 +145,9 @@ def load_checkpoint(ref, map_location="cpu"):
         raise CheckpointError(f"{ref!r} holds a {type(ckpt).__name__}, not a checkpoint dict")
     if "state_dicts" not in ckpt:  # a bare state_dict, e.g. a released model
         ckpt = {"config": {}, "state_dicts": {"model": ckpt}, "extra": None}
+    if not isinstance(ckpt.get("config") or {}, dict) or not isinstance(ckpt["state_dicts"], dict):
+        raise CheckpointError(f"{ref!r} is not a checkpoint of this project (config or weights malformed)")
+    ckpt["config"] = ckpt.get("config") or {}
     return ckpt
 
 
@@ -198,7 +201,7 @@ def mean_ci95(values):
         z = 1.959964
         centre = (m + z * z / (2 * n)) / (1 + z * z / n)
         half = z * math.sqrt(m * (1 - m) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-        return {"mean": m, "ci95": [centre - half, centre + half]}
+        return {"mean": m, "ci95": [min(centre - half, m), max(centre + half, m)]}  # rounding at m = 0 or 1
     half = 1.959964 * float(x.std(ddof=1)) / math.sqrt(n) if n > 1 else float("nan")
     return {"mean": m, "ci95": [m - half, m + half]}
 

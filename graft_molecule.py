@@ -345,8 +345,11 @@ def load_reference(ref, device, size_cfg):
     the size flags `size_cfg`; anything missing, corrupt or mismatched exits with one clear line."""
     try:
         ckpt = common.load_checkpoint(ref)
-        cfg = (ckpt["config"] or {}).get("model") or size_cfg
-        model = build_model(cfg)
+        cfg = ckpt["config"].get("model") or size_cfg
+        try:
+            model = build_model(cfg)
+        except TypeError as e:
+            raise common.CheckpointError(f"{ref!r} has a model config this script cannot build ({e})") from None
         sd = ckpt["state_dicts"].get("ema") or ckpt["state_dicts"].get("model")
         if not isinstance(sd, dict):
             raise common.CheckpointError(f"{ref!r} has no 'ema' or 'model' weights")
