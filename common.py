@@ -184,8 +184,11 @@ def autocast(device, enabled):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
-def maybe_compile(fn, enabled):
-    return torch.compile(fn, dynamic=True) if enabled else fn
+def maybe_compile(module, enabled):
+    """Opt-in torch.compile, in place: the module keeps its identity and its state_dict keys."""
+    if enabled:
+        module.compile(dynamic=True)
+    return module
 
 
 # -- statistics and output -----------------------------------------------------------------------------------
