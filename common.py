@@ -5,11 +5,13 @@ seeding, device / AMP / torch.compile helpers, confidence intervals and atomic J
 Nothing task-specific lives here.
 """
 import contextlib
+import hashlib
 import json
 import math
 import os
 import random
 import tempfile
+import warnings
 
 import numpy as np
 import torch
@@ -41,6 +43,75 @@ def noise_schedule(name, T, precision=1e-5):
         f = np.cos((x / T + s) / (1 + s) * math.pi / 2) ** 2
         return np.clip(f / f[0], 1e-5, 1.0)
     raise ValueError(f"unknown noise schedule {name!r} (polynomial_2, linear, cosine)")
+
+
+# -- diffusion pieces every DDPM script shares (SPEC 1, 3, 4) ----------------------------------------------------
+
+def time_grid(T, N):
+    """tau_0 = 0 < tau_1 < ... < tau_N = T: the sampler's N steps, evenly spaced integers of the T-step schedule."""
+    return torch.round(torch.linspace(0, T, N + 1)).long()
+
+
+def gaussian_noise(shape, mask, gen=None):
+    """N(0, I) on the real elements (mask (B, n) bool), zero on padding. Drawn on the CPU, so a seed gives the
+    same draws on any device."""
+    return torch.randn(shape, generator=gen).to(mask.device) * mask[..., None]
+
+
+def shaped_loss(net, z_s, mask, abar, t_lo, t_hi, abar_s=1.0, gen=None, noise=gaussian_noise):
+    """SPEC 3, P-GRAFT's loss: train eps_theta only for t in [t_lo, t_hi] on data z_s that lives at time s.
+        x_t = sqrt(abar_t/abar_s) x_s + sqrt(1 - abar_t/abar_s) eps',  loss = |eps_theta(x_t, t)/c_t - eps'|^2,
+        c_t = sqrt((1 - abar_t) / (1 - abar_t/abar_s)).
+    Why c_t: the shaped marginal at t > s has score -E[eps'|x_t] / sqrt(1 - abar_t/abar_s), and an eps-model must
+    output -sqrt(1 - abar_t) score; so the reference's parameterisation, sampler and weights all still serve.
+    abar_s = 1 (x_s = x_0) gives c_t = 1: the ordinary DDPM loss of pre-training and GRAFT.
+    z_s (B, n, D), mask (B, n); the error is averaged over the real dimensions of each sample."""
+    B, abar = z_s.shape[0], abar.to(z_s.device)
+    t = torch.randint(t_lo, t_hi + 1, (B,), generator=gen).to(z_s.device)
+    ratio = (abar[t] / abar_s).view(B, 1, 1)                                    # abar_t / abar_s
+    eps = noise(z_s.shape, mask, gen)                                            # eps' (B, n, D)
+    z_t = ratio.sqrt() * z_s + (1 - ratio).sqrt() * eps
+    c_t = ((1 - abar[t].view(B, 1, 1)) / (1 - ratio)).sqrt()
+    err = ((net(z_t, t.float() / (len(abar) - 1), mask) / c_t - eps) ** 2) * mask[..., None]
+    return (err.sum((1, 2)) / (mask.sum(1) * z_s.shape[-1])).mean()
+
+
+def gaussian_logp(z, mean, std, mask):
+    """log N(z; mean, std^2) averaged over the real dimensions (DDPO's convention, SPEC 4). -> (B,)"""
+    lp = (-((z - mean) ** 2) / (2 * std ** 2) - torch.log(std) - 0.5 * math.log(2 * math.pi)) * mask[..., None]
+    return lp.sum((1, 2)) / (mask.sum(1) * z.shape[-1])
+
+
+def method_name(args):
+    return "ddpo" if args.algo == "ddpo" else "rpgraft" if args.rp else "pgraft" if args.N_I > 0 else "graft"
+
+
+def samplers(args, ref, ft):
+    """(net_hi, net_lo, N_I) of the fine-tuned sampler: who denoises above s and who below (SPEC 3).
+    GRAFT and DDPO: the fine-tuned model everywhere. P-GRAFT: fine-tuned above s, reference below.
+    RP-GRAFT (the paper's ablation): reference above s, fine-tuned below."""
+    if args.algo == "ddpo" or args.N_I == 0:
+        return ft, ft, 0
+    return (ref, ft, args.N_I) if args.rp else (ft, ref, args.N_I)
+
+
+def training_window(args, abar, tau):
+    """(saved step, t_lo, t_hi, abar_s): which state of an accepted sample is kept and which t are trained.
+    GRAFT: x_0, t in [1, T]. P-GRAFT: x_s, t in (s, T] with the shaped loss. RP-GRAFT: x_0, t in [1, s]."""
+    T, s = len(abar) - 1, int(tau[args.N_I])
+    if args.N_I == 0 or args.rp:
+        return 0, 1, s if args.rp else T, 1.0
+    return args.N_I, s + 1, T, float(abar[s])
+
+
+def size_bucketed_batches(n, batch_size, gen):
+    """Shuffled batches of similar-sized samples (n: (N,) element counts), so padding wastes little compute."""
+    idx, batches = torch.randperm(len(n), generator=gen).numpy(), []
+    for c in range(0, len(idx), batch_size * 50):
+        part = idx[c:c + batch_size * 50]
+        part = part[np.argsort(n[part], kind="stable")]
+        batches += [part[i:i + batch_size] for i in range(0, len(part), batch_size)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
 
 
 # -- EMA -----------------------------------------------------------------------------------------------------
@@ -209,6 +280,22 @@ def mean_ci95(values):
     return {"mean": m, "ci95": [m - half, m + half]}
 
 
+def frechet_distance(mu1, s1, mu2, s2, eps=1e-6):
+    """SPEC 6: |mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^{1/2}); scipy's sqrtm, a tiny imaginary part dropped, eps I
+    added to both when the product is singular (pytorch-fid's recipe)."""
+    from scipy import linalg
+    diff = mu1 - mu2
+    with warnings.catch_warnings(record=True) as caught:                  # scipy warns on a singular product
+        warnings.simplefilter("always", linalg.LinAlgWarning)
+        covmean = linalg.sqrtm(s1 @ s2)
+        if any(issubclass(w.category, linalg.LinAlgWarning) for w in caught) or not np.isfinite(covmean).all():
+            off = np.eye(len(s1)) * eps
+            covmean = linalg.sqrtm((s1 + off) @ (s2 + off))
+    if np.iscomplexobj(covmean):
+        covmean = covmean.real
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+
+
 def write_json(path, obj):
     """Atomic JSON write, so a crash never leaves half a results.json."""
     tmp = path + ".tmp"
@@ -217,6 +304,21 @@ def write_json(path, obj):
     os.replace(tmp, path)
 
 
-def append_jsonl(path, obj):
-    with open(path, "a") as f:
-        f.write(json.dumps(obj) + "\n")
+def write_jsonl(path, rows):
+    """Rewrite a JSON-lines file atomically (metrics.jsonl: one line per finished round)."""
+    with open(path + ".tmp", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    os.replace(path + ".tmp", path)
+
+
+def sha1_file(path):
+    with open(path, "rb") as f:
+        return hashlib.sha1(f.read()).hexdigest()[:12]
+
+
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt

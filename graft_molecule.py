@@ -16,7 +16,6 @@ sampler generates. GRAFT keeps the Top-K of M samples by reward and fine-tunes o
 import argparse
 import csv
 import json
-import math
 import os
 import re
 import sys
@@ -189,19 +188,6 @@ def load_qm9(data_dir):
             for k in ("train", "valid", "test")}
 
 
-def size_bucketed_batches(n_atoms, batch_size, gen):
-    """Shuffled batches of similar-sized molecules, so a padded batch wastes little compute on padding."""
-    idx = torch.randperm(len(n_atoms), generator=gen).numpy()
-    chunk = batch_size * 50
-    batches = []
-    for c in range(0, len(idx), chunk):
-        part = idx[c:c + chunk]
-        part = part[np.argsort(n_atoms[part], kind="stable")]
-        batches += [part[i:i + batch_size] for i in range(0, len(part), batch_size)]
-    order = torch.randperm(len(batches), generator=gen).tolist()
-    return [batches[i] for i in order]
-
-
 def to_features(pos, types, include_charges):
     """Numpy molecules -> (z (B, n, 3+F), mask (B, n)) with EDM's scaling: one-hot / 4, charge / 10."""
     n = max(int((types >= 0).sum(1).max()), 1)
@@ -247,30 +233,8 @@ def make_abar(cfg):
 
 def sample_noise(shape, mask, gen=None):
     """N(0, I) on atoms, with the position part projected to zero centre of mass (EDM's subspace)."""
-    eps = torch.randn(shape, generator=gen).to(mask.device) * mask[..., None]  # CPU RNG: same draws on any device
+    eps = common.gaussian_noise(shape, mask, gen)
     return torch.cat([remove_mean(eps[..., :3], mask), eps[..., 3:]], -1)
-
-
-def shaped_loss(net, z_s, mask, abar, t_lo, t_hi, abar_s=1.0, gen=None):
-    """SPEC 3 (P-GRAFT's loss): train eps_theta only for t in [t_lo, t_hi] on data z_s that lives at time s.
-        x_t = sqrt(abar_t/abar_s) x_s + sqrt(1 - abar_t/abar_s) eps',  loss = |eps_theta(x_t, t)/c_t - eps'|^2,
-        c_t = sqrt((1 - abar_t) / (1 - abar_t/abar_s)).
-    abar_s = 1 (x_s = x_0) gives c_t = 1: the ordinary DDPM loss used for pre-training and GRAFT."""
-    B = z_s.shape[0]
-    abar = abar.to(z_s.device)
-    t = torch.randint(t_lo, t_hi + 1, (B,), generator=gen).to(z_s.device)
-    ratio = (abar[t] / abar_s).view(B, 1, 1)                                    # abar_t / abar_s
-    eps = sample_noise(z_s.shape, mask, gen)
-    z_t = ratio.sqrt() * z_s + (1 - ratio).sqrt() * eps                         # (B, n, 3+F)
-    c_t = ((1 - abar[t].view(B, 1, 1)) / (1 - ratio)).sqrt()
-    err = ((net(z_t, t.float() / (len(abar) - 1), mask) / c_t - eps) ** 2) * mask[..., None]
-    dims = mask.sum(1) * z_s.shape[-1]
-    return (err.sum((1, 2)) / dims).mean()
-
-
-def time_grid(T, N):
-    """tau_0 = 0 < tau_1 < ... < tau_N = T, evenly spaced integers."""
-    return torch.round(torch.linspace(0, T, N + 1)).long()
 
 
 def step_mean_std(eps, z_t, abar, t, s):
@@ -280,12 +244,6 @@ def step_mean_std(eps, z_t, abar, t, s):
     sigma_t, sigma_s = (1 - a_t).sqrt(), (1 - a_s).sqrt()
     mean = z_t / alpha_ts - (sigma2_ts / alpha_ts / sigma_t) * eps
     return mean, sigma2_ts.sqrt() * sigma_s / sigma_t
-
-
-def gaussian_logp(z, mean, std, mask):
-    """log N(z; mean, std^2) averaged over the real dimensions (DDPO's convention, SPEC 4). -> (B,)"""
-    lp = (-((z - mean) ** 2) / (2 * std ** 2) - torch.log(std) - 0.5 * math.log(2 * math.pi)) * mask[..., None]
-    return lp.sum((1, 2)) / (mask.sum(1) * z.shape[-1])
 
 
 def decode(z0, mask):
@@ -310,7 +268,7 @@ def sample(net_hi, net_lo, n_atoms, abar, N, N_I=0, batch=250, save_at=(), keep_
     from (for the variance measurement). keep_traj: the trajectory (M, N+1, 29, D) and log-probs (M, N), for DDPO.
     Node counts are grouped by size so a batch wastes little on padding; results come back in input order."""
     T = len(abar) - 1
-    tau = time_grid(T, N)
+    tau = common.time_grid(T, N)
     dev = next(net_lo.parameters()).device
     D = 3 + net_lo.h_nf
     order = np.argsort(n_atoms, kind="stable")
@@ -336,7 +294,7 @@ def sample(net_hi, net_lo, n_atoms, abar, N, N_I=0, batch=250, save_at=(), keep_
             mean, std = step_mean_std(eps, z, abar, t, s)
             z_new = mean + std * sample_noise(z.shape, mask)                     # (B, n, D)
             if keep_traj:
-                logps.append(gaussian_logp(z_new, mean, std, mask))
+                logps.append(common.gaussian_logp(z_new, mean, std, mask))
                 traj.append(z_new)
             z = z_new
         with common.autocast(dev, amp):
@@ -512,10 +470,10 @@ def pretrain(args, device):
     bar = tqdm(total=args.train_steps, initial=step, desc="pre-training")
     done = step >= args.train_steps
     while not done:
-        for idx in size_bucketed_batches(data["n"], args.batch_size, gen):
+        for idx in common.size_bucketed_batches(data["n"], args.batch_size, gen):
             z, mask = to_features(data["pos"][idx], data["types"][idx], cfg["include_charges"])
             with common.autocast(device, args.amp):
-                loss = shaped_loss(net, z.to(device), mask.to(device), abar, 1, cfg["T"])
+                loss = common.shaped_loss(net, z.to(device), mask.to(device), abar, 1, cfg["T"], noise=sample_noise)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -540,31 +498,6 @@ def pretrain(args, device):
 
 # -- fine-tuning: GRAFT / P-GRAFT / RP-GRAFT (paper Alg. 1-2) and DDPO (SPEC 4) ---------------------------------
 
-def method_name(args):
-    if args.algo == "ddpo":
-        return "ddpo"
-    return "rpgraft" if args.rp else ("pgraft" if args.N_I > 0 else "graft")
-
-
-def samplers(args, ref, ft):
-    """(net_hi, net_lo, N_I) of the fine-tuned sampler: who denoises above s and who below (SPEC 3)."""
-    if args.algo == "ddpo" or args.N_I == 0:
-        return ft, ft, 0
-    return (ref, ft, args.N_I) if args.rp else (ft, ref, args.N_I)
-
-
-def training_window(args, abar, tau):
-    """(save step, t_lo, t_hi, abar_s): which state is kept and which t the fine-tuned model learns.
-    GRAFT: x_0, t in [1, T]. P-GRAFT: x_s, t in (s, T] with the shaped loss. RP-GRAFT: x_0, t in [1, s]."""
-    T = len(abar) - 1
-    s = int(tau[args.N_I])
-    if args.N_I == 0:
-        return 0, 1, T, 1.0
-    if args.rp:
-        return 0, 1, s, 1.0
-    return args.N_I, s + 1, T, float(abar[s])
-
-
 def train_on_accepted(ft, opt, x_acc, n_acc, abar, t_lo, t_hi, abar_s, steps, batch, amp):
     """Fine-tune on the accepted states with SPEC 3's loss; one gradient call = one (x_t, t) pair."""
     dev = next(ft.parameters()).device
@@ -575,7 +508,7 @@ def train_on_accepted(ft, opt, x_acc, n_acc, abar, t_lo, t_hi, abar_s, steps, ba
         n = int(n_acc[idx.numpy()].max())
         z, mask = x_acc[idx, :n].to(dev), mask_all[idx, :n].to(dev)
         with common.autocast(dev, amp):
-            loss = shaped_loss(ft, z, mask, abar.to(dev), t_lo, t_hi, abar_s)
+            loss = common.shaped_loss(ft, z, mask, abar.to(dev), t_lo, t_hi, abar_s, noise=sample_noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(ft.parameters(), 1.0)
@@ -588,7 +521,7 @@ def ddpo_update(ft, opt, res, rewards, n_atoms, abar, N, args):
     """One inner epoch of PPO on the sampled trajectories (SPEC 4): advantages standardised over the batch
     (one 'prompt'), clipped to +-5; clipped surrogate on the per-dimension-averaged log-probs; grad clip 1."""
     dev = next(ft.parameters()).device
-    T, tau = len(abar) - 1, time_grid(len(abar) - 1, N)
+    T, tau = len(abar) - 1, common.time_grid(len(abar) - 1, N)
     adv = ((rewards - rewards.mean()) / (rewards.std() + 1e-8)).clamp(-5, 5)
     mask_all = torch.arange(MAX_N)[None] < torch.as_tensor(n_atoms)[:, None]
     # the last step (tau_1 -> 0) has a near-zero std, so its log-prob ratio is numerically explosive: skip it
@@ -608,7 +541,7 @@ def ddpo_update(ft, opt, res, rewards, n_atoms, abar, N, args):
             with common.autocast(dev, args.amp):
                 eps = ft(z_t, torch.full((len(idx),), float(tau[k]) / T, device=dev), mask).float()
             mean, std = step_mean_std(eps, z_t, abar.to(dev), tau[k], tau[k - 1])
-            ratio = torch.exp(gaussian_logp(z_s, mean, std, mask) - res["logp"][idx, j].to(dev))
+            ratio = torch.exp(common.gaussian_logp(z_s, mean, std, mask) - res["logp"][idx, j].to(dev))
             a = adv[idx].to(dev)
             loss = torch.maximum(-a * ratio, -a * ratio.clamp(1 - args.ddpo_clip, 1 + args.ddpo_clip)).mean()
             (loss / n_steps).backward()
@@ -652,8 +585,8 @@ def finetune(args, ref, ref_cfg, abar, hist, device):
         rounds, compute = st["extra"]["rounds"], st["extra"]["compute"]
         start = len(rounds)
         print(f"resuming after round {start}")
-    tau = time_grid(len(abar) - 1, args.N)
-    save_k, t_lo, t_hi, abar_s = training_window(args, abar, tau)
+    tau = common.time_grid(len(abar) - 1, args.N)
+    save_k, t_lo, t_hi, abar_s = common.training_window(args, abar, tau)
     reward_fn = REWARDS[args.reward]
     for rnd in range(start, args.rounds):
         t0 = time.time()
@@ -662,7 +595,7 @@ def finetune(args, ref, ref_cfg, abar, hist, device):
         if args.sample_from == "reference":
             hi, lo, N_I = ref, ref, args.N_I
         else:
-            hi, lo, N_I = samplers(args, ref, ft)
+            hi, lo, N_I = common.samplers(args, ref, ft)
         res = sample(hi, lo, n_atoms, abar, args.N, N_I, args.sample_batch, save_at=() if args.algo == "ddpo"
                      else (save_k,), keep_traj=args.algo == "ddpo", amp=args.amp, desc=f"round {rnd + 1} sampling")
         mols, r = score(res, reward_fn)
@@ -688,16 +621,10 @@ def finetune(args, ref, ref_cfg, abar, hist, device):
                        "samples_per_s": args.M / wall, "round_wall_s": wall, **compute})
         common.save_checkpoint(state_path, {"model": ft.state_dict(), "opt": opt.state_dict()},
                                {"resume_key": key, "model": ref_cfg}, {"rounds": rounds, "compute": compute})
-        write_metrics(args.out, rounds)
+        common.write_jsonl(os.path.join(args.out, "metrics.jsonl"), rounds)
         print(f"round {rnd + 1}/{args.rounds}: mean reward {r.mean():.3f}, accepted {n_acc}/{args.M}, "
               f"unique {rounds[-1]['unique']:.3f}, {args.M / wall:.1f} samples/s")
     return ft, rounds, compute
-
-
-def write_metrics(out, rounds):
-    with open(os.path.join(out, "metrics.jsonl.tmp"), "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rounds)
-    os.replace(os.path.join(out, "metrics.jsonl.tmp"), os.path.join(out, "metrics.jsonl"))
 
 
 # -- evaluation -------------------------------------------------------------------------------------------------
@@ -775,7 +702,7 @@ def measure_variance(args, ref, abar, hist):
                      desc=f"continuations from N_I={N_I}")
         r = score(res, REWARDS[args.reward])[1].view(args.var_P, args.var_R)
         within = r.var(1, unbiased=True)                                         # (P,)
-        curve.append({"n_i": N_I / args.N, "N_I": N_I, "t": int(time_grid(args.T, args.N)[N_I]),
+        curve.append({"n_i": N_I / args.N, "N_I": N_I, "t": int(common.time_grid(args.T, args.N)[N_I]),
                       "cond_var": common.mean_ci95(within.numpy()), "total_var": float(r.flatten().var())})
         print(f"n_i {N_I / args.N:.2f}: E[Var(r|x_t)] = {within.mean():.4f} (total Var(r) {r.var():.4f})")
     common.write_json(os.path.join(args.out, "variance.json"), {"reward": args.reward, "P": args.var_P,
@@ -801,7 +728,7 @@ def main(argv=None):
     if args.pretrain:
         args.out = args.out or os.path.join("runs", f"molecule_pretrain_{args.preset}")
         return pretrain(args, device)
-    method = "reference" if args.eval_only else "variance" if args.measure_variance else method_name(args)
+    method = "reference" if args.eval_only else "variance" if args.measure_variance else common.method_name(args)
     args.out = args.out or os.path.join("runs", f"molecule_{method}" + (f"_ni{args.n_i}" if args.N_I else ""))
     os.makedirs(args.out, exist_ok=True)
     ref, ref_cfg = load_reference(args.ref, device, model_config(args))
@@ -809,7 +736,7 @@ def main(argv=None):
     hist = np.bincount(data["train"]["n"], minlength=MAX_N + 1) / len(data["train"]["n"])  # p(n atoms)
     abar = make_abar(ref_cfg)
     ref = common.maybe_compile(ref, args.compile)
-    tau = time_grid(ref_cfg["T"], args.N)
+    tau = common.time_grid(ref_cfg["T"], args.N)
     print(f"reference: {args.ref} ({sum(p.numel() for p in ref.parameters()):,} parameters, {ref_cfg})")
     if args.measure_variance:
         return measure_variance(args, ref, abar, hist)
@@ -828,7 +755,7 @@ def main(argv=None):
                "config": {k: v for k, v in vars(args).items()} | {"model": ref_cfg}, "reference": reference}
     if not args.eval_only:
         ft, rounds, compute = finetune(args, ref, ref_cfg, abar, hist, device)
-        hi, lo, N_I = samplers(args, ref, ft)
+        hi, lo, N_I = common.samplers(args, ref, ft)
         finetuned, ft_samples = evaluate_sampler(hi, lo, N_I, args, abar, hist, train_smiles, "fine-tuned eval")
         save_grid(ft_samples, os.path.join(args.out, "molecules_finetuned.png"))
         plot_rounds(args.out, rounds, reference)

@@ -209,7 +209,7 @@ def test_sampler_and_loss_tiny_config():
     com = (pos * real[..., None]).sum(1) / n_atoms[:, None]
     assert np.abs(com).max() < 1e-4 * max(1.0, np.abs(pos).max() / 100)
     # stitching (SPEC 3): net_hi for tau_N .. tau_{N_I + 1}, net_lo below and for the final x_0 prediction
-    tau = gm.time_grid(T, N).tolist()
+    tau = common.time_grid(T, N).tolist()
     assert set(rec_hi.calls) == set(tau[N_I + 1:]) and set(rec_lo.calls) == set(tau[1:N_I + 1]) | {0}
     assert len(rec_hi.calls) == 3 * (N - N_I) and len(rec_lo.calls) == 3 * (N_I + 1)  # 3 batches
 
@@ -240,7 +240,7 @@ def test_sampler_and_loss_tiny_config():
     s = tau[N_I]
     for t_lo, abar_s, data in ((1, 1.0, z), (s + 1, abar[s], x_s[N_I][:, :9])):
         net_lo.zero_grad()
-        loss = gm.shaped_loss(net_lo, data, mask, abar, t_lo, T, abar_s=abar_s, gen=torch.Generator().manual_seed(2))
+        loss = common.shaped_loss(net_lo, data, mask, abar, t_lo, T, abar_s=abar_s, gen=torch.Generator().manual_seed(2), noise=gm.sample_noise)
         assert loss.dim() == 0 and torch.isfinite(loss) and loss > 0
         loss.backward()
         grads = [p.grad for p in net_lo.parameters() if p.grad is not None]
@@ -318,7 +318,7 @@ def _fit(z, mask, s, t, scale=None):
 
     def loss(w):
         net = _FnNet(lambda x, tt: mult(tt) * (_hat(x) @ w))
-        return gm.shaped_loss(net, z, mask, ABAR, t, t, abar_s=ABAR[s], gen=torch.Generator().manual_seed(7))
+        return common.shaped_loss(net, z, mask, ABAR, t, t, abar_s=ABAR[s], gen=torch.Generator().manual_seed(7), noise=gm.sample_noise)
 
     w0 = torch.zeros(len(KNOTS), dtype=torch.float64)
     grad = torch.autograd.functional.jacobian(loss, w0)
@@ -337,8 +337,8 @@ def test_shaped_loss_minimiser_is_analytic_eps():
     rec = {}
 
     def L(f, seed=3):
-        return gm.shaped_loss(_FnNet(f, rec), z, mask, ABAR, s + 1, T_, abar_s=ABAR[s],
-                              gen=torch.Generator().manual_seed(seed)).item()
+        return common.shaped_loss(_FnNet(f, rec), z, mask, ABAR, s + 1, T_, abar_s=ABAR[s],
+                              gen=torch.Generator().manual_seed(seed), noise=gm.sample_noise).item()
 
     base = L(_eps_star)
     x_t, t = rec["x"], rec["t"]

@@ -1,0 +1,999 @@
+"""noise_correction.py — inverse noise correction for flow models (arXiv 2510.02692, SPEC 5), FID at matched FLOPs.
+
+    python noise_correction.py                      # FID vs FLOPs/image: base at several N, corrected sampler
+    python noise_correction.py --pretrain           # pre-train the base rectified flow (resumable)
+    python noise_correction.py --train_corrector    # invert the training set through the sampler, train the corrector
+    python noise_correction.py --eval_only          # the base sampler's FID-vs-FLOPs curve only
+    python noise_correction.py --preset paper --data celeba_hq/ --inception pt_inception-2015-12-05-6726825d.pth \
+        --device cuda --amp                         # the paper's setting, approximately, on a GPU
+
+A pixel-space rectified flow (t = 0 noise, t = 1 data) is sampled by forward Euler with N steps: that map T is the
+deployed sampler. Each training image x is pulled back through exactly T (backward Euler, solved by fixed-point
+iteration), which gives the noise T would need to produce x: the *inverse noise*. A small corrector flow learns to
+sample those noises from N(0, I); corrector then base is a sampler whose errors the inversion has accounted for.
+"""
+import argparse
+import gzip
+import hashlib
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import common
+
+# -- config ---------------------------------------------------------------------------------------------------
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_REF = os.path.join(HERE, "checkpoints", "fmnist_flow_cpu.pt")
+DEFAULT_CLASSIFIER = os.path.join(HERE, "checkpoints", "fmnist_classifier.pt")
+FMNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)          # Debian's dataset-fashion-mnist (SPEC 7)
+FMNIST_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+                "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+CLASSIFIER_NAME = "graft-fmnist-cnn pool features (256-d; not Inception, not comparable with published FIDs)"
+INCEPTION_NAME = "Inception-v3 pool3 (pytorch-fid weights, 2048-d)"
+
+PRESETS = {
+    # Fashion-MNIST (28x28 padded to 32x32). Sized for 2 CPU cores [ours, measured]: 0.64M parameters and 1.8e8
+    # FLOPs per forward (3.6 ms per image on one core), so the default evaluation (2,000 samples x 3 seeds for the
+    # base at N = 2, 4, 8, the FLOPs-matched 11, and the corrected 8 + 8) takes about 15 minutes.
+    # N = 8 [ours]: few enough steps to leave a discretisation error for the corrector to remove, with h = 1/8 for
+    # the inversion's h L < 1 (the paper: N = 200 at 256x256).
+    "cpu": dict(image_size=32, ch=16, ch_mult="1,2,4", n_res=1, attn_res="", N=8, N_c=8, base_steps="2,4,8",
+                train_steps=20_000, batch_size=128, lr=3e-4, ema_decay=0.9995, n_invert=20_000, n_b=30, tol=1e-4,
+                corrector_steps=10_000, n_eval=2000, fid_seeds=3, sample_batch=500),
+    # the paper's sizes: a 64.0M-parameter base (DDPM's 256x256 UNet at width 96) and a 16.0M corrector (width 48).
+    # Pixel space: 2.8e11 FLOPs per forward, where the paper's 1.374e12 per 200 steps implies a latent-space model.
+    "paper": dict(image_size=256, ch=96, ch_mult="1,1,2,2,4,4", n_res=2, attn_res="16", N=200, N_c=200,
+                  base_steps="100,200,300,400", train_steps=500_000, batch_size=64, lr=2e-4, ema_decay=0.9999,
+                  n_invert=30_000, n_b=10, tol=1e-5, corrector_steps=200_000, n_eval=10_000, fid_seeds=1,
+                  sample_batch=100),
+}
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--preset", choices=PRESETS, default="cpu", help="size and budget preset; flags below override it")
+    # what to run
+    a("--pretrain", action="store_true", help="pre-train the base rectified flow (resumable) and stop")
+    a("--train_corrector", action="store_true", help="invert the training set and train the corrector, then stop")
+    a("--eval_only", action="store_true", help="evaluate the base sampler only (no corrector)")
+    a("--ref", default=DEFAULT_REF, help="base checkpoint: a path or hf:org/repo/file")
+    a("--corrector", default=None, help="corrector checkpoint (trained here if missing; default: beside the "
+      "default base checkpoint, else <out>/corrector_N<N>.pt)")
+    a("--out", default=None, help="output folder (default runs/noise_correction or runs/noise_pretrain_<preset>)")
+    # data
+    a("--data", default="fashion-mnist", help="'fashion-mnist' or a folder of images (searched recursively)")
+    a("--image_size", type=int, help="training resolution of folder images (Fashion-MNIST is padded to 32)")
+    a("--data_root", default=os.path.join(HERE, ".cache", "fashion_mnist"), help="torchvision's Fashion-MNIST folder")
+    a("--cache_dir", default=os.path.join(HERE, ".cache", "noise_correction"), help="FID reference statistics cache")
+    a("--download", action="store_true", help="let torchvision download Fashion-MNIST into --data_root (internet)")
+    a("--workers", type=int, default=0, help="data-loader workers for folder images")
+    # model (must match the checkpoint when loading one)
+    a("--ch", type=int, help="UNet base width")
+    a("--ch_mult", help="UNet width multipliers per resolution, comma-separated")
+    a("--n_res", type=int, help="residual blocks per resolution")
+    a("--attn_res", help="resolutions with self-attention, comma-separated ('' for none; the middle always has one)")
+    a("--corrector_width", type=float, default=0.5, help="corrector width / base width (0.5 gives ~1/4 parameters)")
+    a("--plain_corrector", action="store_true", help="the paper's corrector: plain Euler on the whole learned field, "
+      "without our exactly integrated diagonal-Gaussian part (accurate only with many steps)")
+    # sampler, inversion (SPEC 5)
+    a("--N", type=int, help="base Euler steps, h = 1/N; the corrector is trained for this N")
+    a("--N_c", type=int, help="corrector steps")
+    a("--base_steps", help="base step counts for the FID-vs-FLOPs curve (the FLOPs-matched N' is added)")
+    a("--n_b", type=int, help="fixed-point iterations per backward-Euler step")
+    a("--tol", type=float, help="stop iterating when every residual |z + h v(z) - y| (RMS per pixel) is below it")
+    a("--sigma", type=float, default=0.0, help="Gaussian jitter on the data before inversion (the paper: 1e-3)")
+    a("--n_invert", type=int, help="training images to invert (a seeded subset when fewer than the training set)")
+    a("--drop_residual", type=float, default=1e-2, help="drop inverse noises whose residual stays above this "
+      "(a non-converged solve), so they do not train the corrector")
+    # training
+    a("--batch_size", type=int, help="images per training step (base and corrector)")
+    a("--lr", type=float, help="Adam learning rate (base and corrector)")
+    a("--ema_decay", type=float, help="EMA decay of the weights used for sampling")
+    a("--train_steps", type=int, help="base pre-training steps in total (resumable)")
+    a("--corrector_steps", type=int, help="corrector training steps (resumable)")
+    a("--max_minutes", type=float, default=None, help="stop training / inverting after this many minutes (resume later)")
+    # evaluation (SPEC 6)
+    a("--n_eval", type=int, help="generated images per FID")
+    a("--fid_seeds", type=int, help="FIDs per sampler, each from its own noise seed: the spread is reported")
+    a("--inception", default=None, help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth: use standard FID")
+    a("--classifier", default=DEFAULT_CLASSIFIER, help="Fashion-MNIST feature network (trained once if missing)")
+    a("--classifier_epochs", type=float, default=2.0, help="epochs when the feature network must be trained")
+    a("--n_ref", type=int, default=50_000, help="at most this many real images for the FID reference statistics")
+    # runtime
+    a("--seed", type=int, default=0, help="seed: a CPU run is reproducible")
+    a("--device", default="cpu", help="cpu, cuda, cuda:1 or auto")
+    a("--amp", action="store_true", help="bf16 autocast for training and sampling (GPU); inversion stays float32")
+    a("--compile", action="store_true", help="torch.compile the networks")
+    a("--sample_batch", type=int, help="images per sampler / inversion batch")
+    return p
+
+
+def _ints(p, name, text):
+    try:
+        vals = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        p.error(f"--{name} must be comma-separated integers, got {text!r}")
+    if any(v <= 0 for v in vals):
+        p.error(f"--{name} must hold positive integers, got {text!r}")
+    return vals
+
+
+def parse_args(argv=None):
+    p = build_parser()
+    args = p.parse_args(argv)
+    for k, v in PRESETS[args.preset].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if sum([args.pretrain, args.train_corrector, args.eval_only]) > 1:
+        p.error("choose at most one of --pretrain, --train_corrector, --eval_only")
+    for k in ("ch", "n_res", "N", "N_c", "n_b", "n_invert", "batch_size", "fid_seeds", "sample_batch", "n_ref",
+              "image_size", "max_minutes"):
+        if getattr(args, k) is not None and not getattr(args, k) > 0:
+            p.error(f"--{k} must be positive, got {getattr(args, k)}")
+    for k in ("train_steps", "corrector_steps", "workers", "tol", "sigma", "drop_residual", "lr"):
+        if not getattr(args, k) >= 0:
+            p.error(f"--{k} must be >= 0, got {getattr(args, k)}")
+    for k, lo, hi in (("ema_decay", 0, 0.999999), ("corrector_width", 1e-6, 1), ("n_eval", 2, float("inf"))):
+        if not lo <= getattr(args, k) <= hi:
+            p.error(f"--{k} must be in [{lo}, {hi}], got {getattr(args, k)}")
+    args.ch_mult = tuple(_ints(p, "ch_mult", args.ch_mult))
+    args.attn_res = tuple(_ints(p, "attn_res", args.attn_res))
+    args.base_steps = sorted(set(_ints(p, "base_steps", args.base_steps)))
+    if not args.ch_mult:
+        p.error("--ch_mult needs at least one level")
+    args.fmnist = args.data == "fashion-mnist"
+    if args.fmnist and args.image_size != 32:
+        p.error("Fashion-MNIST is trained at 32x32 (28x28 padded): use --preset cpu without --image_size, or --data DIR")
+    if not args.fmnist and not os.path.isdir(args.data):
+        p.error(f"--data {args.data!r} is neither 'fashion-mnist' nor a folder")
+    if args.image_size % 2 ** (len(args.ch_mult) - 1):
+        p.error(f"--image_size {args.image_size} must be divisible by 2^{len(args.ch_mult) - 1} (the UNet's levels)")
+    if args.inception is not None and not os.path.isfile(args.inception):
+        p.error(f"--inception {args.inception!r} does not exist")
+    if not args.fmnist and args.inception is None and not (args.pretrain or args.train_corrector):
+        p.error("FID on a folder of images needs --inception PATH (pytorch-fid's Inception weights)")
+    args.h = 1 / args.N
+    return args
+
+
+def model_config(args, in_ch):
+    """What a base checkpoint must record to be rebuilt."""
+    return dict(in_ch=in_ch, image_size=args.image_size, ch=args.ch, ch_mult=list(args.ch_mult), n_res=args.n_res,
+                attn_res=list(args.attn_res), gauss_skip=False)
+
+
+def corrector_config(base_cfg, width, plain):
+    """The corrector: the base UNet at `width` times the channels (parameters scale ~ width^2: 0.5 -> ~1/4)."""
+    return dict(base_cfg, ch=max(4, round(base_cfg["ch"] * width)), gauss_skip=not plain)
+
+
+# -- data -----------------------------------------------------------------------------------------------------
+
+def read_idx(path):
+    """An IDX file (gzip or not) of unsigned bytes -> numpy array of its declared shape."""
+    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 4 or raw[:2] != b"\x00\x00" or raw[2] != 0x08:
+        raise ValueError(f"{os.path.basename(path)} is not an IDX file of unsigned bytes")
+    ndim = raw[3]
+    shape = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    data = np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim)
+    if data.size != math.prod(shape):
+        raise ValueError(f"{os.path.basename(path)} holds {data.size} bytes, its header says {shape}")
+    return data.reshape(shape)
+
+
+def find_fashion_mnist(data_root):
+    """{name: path} from the Debian package's folder or torchvision's <root>/FashionMNIST/raw, or None."""
+    for d in FMNIST_DIRS + (os.path.join(data_root, "FashionMNIST", "raw"),):
+        found = {}
+        for name in sum(FMNIST_FILES.values(), ()):
+            for f in (name, name + ".gz"):
+                if os.path.isfile(os.path.join(d, f)):
+                    found[name] = os.path.join(d, f)
+        if len(found) == 4:
+            return found
+    return None
+
+
+def load_fashion_mnist(data_root, download=False):
+    """{'train': (images (60000, 1, 32, 32) uint8, labels), 'test': (10000 ...)}: 28x28 padded by 2 with black."""
+    paths = find_fashion_mnist(data_root)
+    if paths is None and download:
+        import torchvision
+        try:
+            for train in (True, False):
+                torchvision.datasets.FashionMNIST(data_root, train=train, download=True)
+        except Exception as e:  # offline, proxy, disk: the user can only act on the message
+            raise SystemExit(f"noise_correction: torchvision could not download Fashion-MNIST ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''}); apt-get install dataset-fashion-mnist") from None
+        paths = find_fashion_mnist(data_root)
+    if paths is None:
+        raise SystemExit(f"noise_correction: Fashion-MNIST not found in {FMNIST_DIRS[0]} or "
+                         f"{os.path.join(data_root, 'FashionMNIST', 'raw')}; install it with "
+                         f"'apt-get install dataset-fashion-mnist' (Debian) or rerun with --download (torchvision, "
+                         f"internet)")
+    out = {}
+    try:
+        for split, (img, lab) in FMNIST_FILES.items():
+            x, y = read_idx(paths[img]), read_idx(paths[lab])
+            if x.ndim != 3 or x.shape[1:] != (28, 28) or y.shape != (len(x),):
+                raise ValueError(f"{split} images {x.shape} / labels {y.shape} are not Fashion-MNIST's")
+            x = np.pad(x, ((0, 0), (2, 2), (2, 2)))[:, None]                           # (n, 1, 32, 32)
+            out[split] = (torch.from_numpy(x.copy()), torch.from_numpy(y.astype(np.int64)))
+    except (OSError, ValueError, EOFError) as e:
+        raise SystemExit(f"noise_correction: could not read Fashion-MNIST from {os.path.dirname(paths[img])} "
+                         f"({e}); reinstall dataset-fashion-mnist") from None
+    return out
+
+
+class FolderImages(torch.utils.data.Dataset):
+    """Every image under a folder, centre-cropped to a square and resized: uint8 (3, size, size)."""
+
+    EXT = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+    def __init__(self, root, size):
+        self.files = sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs if f.lower().endswith(self.EXT))
+        self.size = size
+        if not self.files:
+            raise SystemExit(f"noise_correction: no images ({', '.join(self.EXT)}) under {root}")
+        try:
+            self[0]
+        except OSError as e:
+            raise SystemExit(f"noise_correction: cannot read {self.files[0]} ({e})") from None
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        with Image.open(self.files[i]) as im:
+            im = im.convert("RGB")
+            s = min(im.size)
+            left, top = (im.width - s) // 2, (im.height - s) // 2
+            im = im.crop((left, top, left + s, top + s)).resize((self.size, self.size), Image.BICUBIC)
+            return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)            # (3, size, size)
+
+
+def load_data(args):
+    """{'train': Dataset of uint8 (C, H, W), 'ref': the FID reference set, 'ref_name', 'labels', 'channels'}."""
+    if args.fmnist:
+        d = load_fashion_mnist(args.data_root, args.download)
+        return {"train": torch.utils.data.TensorDataset(d["train"][0]), "ref": torch.utils.data.TensorDataset(d["test"][0]),
+                "ref_name": "Fashion-MNIST test split, 10,000 images", "labels": d, "channels": 1}
+    ds = FolderImages(args.data, args.image_size)
+    return {"train": ds, "ref": ds, "ref_name": f"{args.data} ({min(len(ds), args.n_ref):,} images)",
+            "labels": None, "channels": 3}
+
+
+def as_tensor(item):
+    return item[0] if isinstance(item, (list, tuple)) else item
+
+
+def to_float(x):
+    """uint8 [0, 255] -> float [-1, 1]."""
+    return x.float() / 127.5 - 1
+
+
+def to_uint8(x):
+    """float [-1, 1] -> uint8, the 8-bit quantisation a saved PNG would have (FID is measured on it)."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+# -- model: a DDPM-style UNet (time embedding, residual blocks, GroupNorm, SiLU, attention at low resolution) --------
+
+def norm(c):
+    return nn.GroupNorm(max(1, min(math.gcd(32, c), c // 4)), c)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, cin, cout, temb):
+        super().__init__()
+        self.n1, self.c1 = norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
+        self.t = nn.Linear(temb, cout)
+        self.n2, self.c2 = norm(cout), nn.Conv2d(cout, cout, 3, padding=1)
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x, emb):
+        h = self.c1(F.silu(self.n1(x))) + self.t(emb)[:, :, None, None]
+        return self.skip(x) + self.c2(F.silu(self.n2(h)))
+
+
+class Resample(nn.Module):
+    """Stride-2 convolution down, or nearest-neighbour upsampling and a convolution up."""
+
+    def __init__(self, c, up):
+        super().__init__()
+        self.up, self.conv = up, nn.Conv2d(c, c, 3, stride=1 if up else 2, padding=1)
+
+    def forward(self, x, emb=None):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest") if self.up else x)
+
+
+class Attention(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.n, self.qkv, self.proj = norm(c), nn.Conv2d(c, 3 * c, 1), nn.Conv2d(c, c, 1)
+
+    def forward(self, x, emb=None):
+        B, C, H, W = x.shape
+        q, k, v = self.qkv(self.n(x)).reshape(B, 3, C, H * W).unbind(1)                   # (B, C, HW) each
+        w = torch.softmax(q.transpose(1, 2) @ k / math.sqrt(C), -1)                        # (B, HW, HW)
+        return x + self.proj((v @ w.transpose(1, 2)).reshape(B, C, H, W))
+
+
+class UNet(nn.Module):
+    """v_theta(x, t): t in [0, 1] (0 noise, 1 data). gauss_skip (the corrector [ours]): the output is a residual on
+    top of the closed-form velocity towards N(g_mu, diag g_var); see velocity and flow_sample."""
+
+    def __init__(self, in_ch, image_size, ch, ch_mult, n_res, attn_res, gauss_skip=False):
+        super().__init__()
+        self.gauss_skip, self.ch = gauss_skip, ch
+        if gauss_skip:  # the diagonal-Gaussian fit of the corrector's data, set before training (train_corrector)
+            self.register_buffer("g_mu", torch.zeros(in_ch, image_size, image_size))
+            self.register_buffer("g_var", torch.ones(in_ch, image_size, image_size))
+        temb = 4 * ch
+        self.temb = nn.Sequential(nn.Linear(ch, temb), nn.SiLU(), nn.Linear(temb, temb))
+        self.conv_in = nn.Conv2d(in_ch, ch, 3, padding=1)
+        self.down, chans, c, res = nn.ModuleList(), [ch], ch, image_size
+        for i, m in enumerate(ch_mult):
+            for _ in range(n_res):
+                self.down.append(nn.ModuleList([ResBlock(c, ch * m, temb)] + [Attention(ch * m)] * (res in attn_res)))
+                c = ch * m
+                chans.append(c)
+            if i < len(ch_mult) - 1:
+                self.down.append(nn.ModuleList([Resample(c, up=False)]))
+                chans.append(c)
+                res //= 2
+        self.mid = nn.ModuleList([ResBlock(c, c, temb), Attention(c), ResBlock(c, c, temb)])
+        self.up = nn.ModuleList()
+        for i, m in reversed(list(enumerate(ch_mult))):
+            for _ in range(n_res + 1):
+                self.up.append(nn.ModuleList([ResBlock(c + chans.pop(), ch * m, temb)] + [Attention(ch * m)] * (res in attn_res)))
+                c = ch * m
+            if i > 0:
+                self.up.append(nn.ModuleList([Resample(c, up=True)]))
+                res *= 2
+        self.out = nn.Sequential(norm(c), nn.SiLU(), nn.Conv2d(c, in_ch, 3, padding=1))
+        nn.init.zeros_(self.out[-1].weight), nn.init.zeros_(self.out[-1].bias)  # a fresh corrector samples its Gaussian fit
+
+    def embed(self, t):
+        half = self.ch // 2
+        w = self.conv_in.weight
+        freqs = torch.exp(-math.log(10_000) * torch.arange(half, device=w.device, dtype=w.dtype) / half)
+        a = 1000 * t.to(w.dtype)[:, None] * freqs[None]                                    # (B, ch/2)
+        e = torch.cat([a.sin(), a.cos()], 1)
+        return self.temb(F.pad(e, (0, self.ch - e.shape[1])))                             # (B, 4 ch)
+
+    def forward(self, x, t):
+        emb = self.embed(t)
+        h = self.conv_in(x)
+        skips = [h]
+        for block in self.down:
+            for layer in block:
+                h = layer(h, emb)
+            skips.append(h)
+        for layer in self.mid:
+            h = layer(h, emb)
+        for block in self.up:
+            h = torch.cat([h, skips.pop()], 1) if isinstance(block[0], ResBlock) else h     # skip connections
+            for layer in block:
+                h = layer(h, emb)
+        return self.out(h)
+
+
+def build_model(cfg):
+    return UNet(**cfg)
+
+
+def n_params(net):
+    return sum(p.numel() for p in net.parameters())
+
+
+def load_flow(ref, device, what):
+    """(EMA net, cfg, meta) of a checkpoint written by this script; any problem exits with one line."""
+    try:
+        ckpt = common.load_checkpoint(ref)
+        cfg = ckpt["config"].get("model")
+        if not isinstance(cfg, dict):
+            raise common.CheckpointError(f"{ref!r} has no model config; is it a {what} checkpoint of this script?")
+        try:
+            net = build_model(cfg)
+        except TypeError as e:
+            raise common.CheckpointError(f"{ref!r} has a model config this script cannot build ({e})") from None
+        sd = ckpt["state_dicts"].get("ema") or ckpt["state_dicts"].get("model")
+        if not isinstance(sd, dict):
+            raise common.CheckpointError(f"{ref!r} has no 'ema' or 'model' weights")
+        common.load_state(net, sd, f"{what} checkpoint {ref!r}")
+    except common.CheckpointError as e:
+        hint = ("; pre-train it (python noise_correction.py --pretrain, then copy runs/noise_pretrain_cpu/ref_ema.pt "
+                "there) or pass --ref" if ref == DEFAULT_REF else "")
+        raise SystemExit(f"noise_correction: {e}{hint}")
+    return net.to(device).eval().requires_grad_(False), cfg, ckpt
+
+
+def file_digest(ref):
+    return common.sha1_file(common.resolve_ref(ref))
+
+
+# -- flow: rectified-flow loss, forward Euler (the deployed sampler T), backward-Euler inversion (SPEC 5) -----------
+
+def gauss_sigma(net, t):
+    """sigma_t = sqrt(t^2 s^2 + (1-t)^2) per pixel: the std of x_t - t mu on the rectified flow from N(0, I) to
+    the corrector's diagonal-Gaussian fit N(mu, diag s^2) of the inverse noises [ours]."""
+    t = t.view(-1, 1, 1, 1) if torch.is_tensor(t) else t
+    return (t * t * net.g_var + (1 - t) ** 2).sqrt()
+
+
+def velocity(net, x, t):
+    """v(x, t). A gauss_skip net (the corrector [ours]) adds the closed-form velocity of the rectified flow between
+    N(0, I) and N(mu, diag s^2), mu + a(t) (x - t mu) with a(t) = (t s^2 - (1 - t)) / sigma_t^2, to its output."""
+    v = net(x, t)
+    if not net.gauss_skip:
+        return v
+    t4 = t.view(-1, 1, 1, 1)
+    return v + net.g_mu + (t4 * net.g_var - (1 - t4)) / gauss_sigma(net, t) ** 2 * (x - t4 * net.g_mu)
+
+
+def rf_loss(net, x1, gen=None):
+    """SPEC 5: x_t = t x_1 + (1 - t) x_0 with x_0 ~ N(0, I), target velocity x_1 - x_0, t ~ U(0, 1)."""
+    B = x1.shape[0]
+    x0 = torch.randn(x1.shape, generator=gen).to(x1.device)
+    t = torch.rand(B, generator=gen).to(x1.device)
+    xt = t.view(B, 1, 1, 1) * x1 + (1 - t.view(B, 1, 1, 1)) * x0                         # (B, C, H, W)
+    return F.mse_loss(velocity(net, xt, t), x1 - x0)
+
+
+@torch.no_grad()
+def flow_sample(net, x, N, amp=False):
+    """Forward Euler, N steps from t = 0: x_{(j+1)h} = x_{jh} + h v(x_{jh}, jh) (T, the deployed sampler).
+    A gauss_skip net integrates its Gaussian part exactly, x_t - t mu scaling as sigma_t, and its learned residual
+    by Euler (an exponential integrator [ours]): a corrector whose target is Gaussian is then exact at any N_c,
+    where plain Euler distorts it (N(0, I) -> N(0, I) shrinks by 0.72 in scale at 4 steps)."""
+    h = 1.0 / N
+    for j in range(N):
+        t = torch.full((x.shape[0],), j * h, device=x.device, dtype=x.dtype)
+        with common.autocast(x.device, amp):
+            v = net(x, t).to(x.dtype)
+        if net.gauss_skip:
+            mu = net.g_mu
+            x = (j + 1) * h * mu + (x - j * h * mu) * (gauss_sigma(net, (j + 1) * h) / gauss_sigma(net, j * h)) + h * v
+        else:
+            x = x + h * v
+    return x
+
+
+def rms(x):
+    return x.flatten(1).pow(2).mean(1).sqrt()                                              # (B,) RMS per pixel
+
+
+@torch.no_grad()
+def invert(net, x, N, n_b, tol, keep_states=False):
+    """The exact preimage of x under T (SPEC 5, the paper's indexing): y = x; for j = N-1 .. 0 solve
+    z + h v(z, jh) = y by z <- y - h v(z, jh) from z = y, at most n_b updates or until every residual
+    RMS(z + h v(z, jh) - y) <= tol; y = z. Converges when h L < 1. Always float32 (bf16 would floor the residual).
+    Returns z (B, C, H, W), the worst residual over steps per sample (B,), iterations per step (N,), and the
+    states x_{jh}, j = N-1 .. 0, when keep_states (for the hL estimate)."""
+    assert not net.gauss_skip, "the inversion runs through the base sampler"
+    h, y = 1.0 / N, x
+    worst, iters, states = torch.zeros(len(x), device=x.device), torch.zeros(N), []
+    for j in reversed(range(N)):
+        t = torch.full((len(x),), j * h, device=x.device, dtype=x.dtype)
+        z = y
+        for k in range(n_b + 1):
+            hv = h * net(z, t).to(x.dtype)
+            r = rms(z + hv - y)                                                            # residual of this z
+            if k == n_b or not r.max() > tol:                                              # NaN counts as done
+                break
+            z = y - hv
+        iters[j] = k
+        worst = torch.maximum(worst, torch.nan_to_num(r, nan=float("inf")))
+        y = z
+        if keep_states:
+            states.append((j, z))
+    return y, worst, iters, states
+
+
+@torch.no_grad()
+def step_lipschitz(net, z, t, iters=10, eps=1e-3):
+    """Power iteration with finite-difference Jacobian-vector products: |J u| / |u| -> the spectral radius of
+    dv/dx at (z, t) per sample (B,), what decides whether the fixed point z <- y - h v(z) contracts."""
+    u = torch.randn_like(z)
+    u = u / rms(u).view(-1, 1, 1, 1)
+    v0 = net(z, t)
+    for _ in range(iters):
+        ju = (net(z + eps * u, t) - v0) / eps
+        lam = rms(ju)                                                                      # |J u| / |u|, |u| = 1
+        u = ju / lam.clamp_min(1e-12).view(-1, 1, 1, 1)
+    return lam
+
+
+def inversion_report(net, x, N, n_b, tol, n_power=8):
+    """Residual, round trip |T(inverse(x)) - x| and h L per step on one batch (SPEC 5's diagnostics)."""
+    z, worst, iters, states = invert(net, x, N, n_b, tol, keep_states=True)
+    back = flow_sample(net, z, N)
+    err = rms(back - x)
+    hL = [float(step_lipschitz(net, s[:n_power], torch.full((len(s[:n_power]),), j / N, device=s.device)).max()) / N
+          for j, s in states]
+    return {"n": len(x), "residual_rms_max": float(worst.max()), "residual_rms_mean": float(worst.mean()),
+            "iterations_per_step": iters.tolist(), "roundtrip_rms_mean": float(err.mean()),
+            "roundtrip_rms_max": float(err.max()), "roundtrip_abs_max": float((back - x).abs().max()),
+            "hL_per_step": hL[::-1], "hL_max": max(hL)}
+
+
+def flops_per_forward(net, in_ch, size, device):
+    """FLOPs of one forward pass on one image, counted by torch.utils.flop_counter (convolutions, matmuls)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        net(torch.zeros(1, in_ch, size, size, device=device), torch.zeros(1, device=device))
+    return fc.get_total_flops()
+
+
+# -- pre-training the base flow (resumable) ---------------------------------------------------------------------
+
+def train_flow(net, ema, opt, path, cfg_json, draw, total_steps, args, device, desc, step=0, wall=0.0):
+    """Adam on the rectified-flow loss with an EMA copy for sampling; saves <path> atomically every 5 minutes, at
+    the end and when --max_minutes runs out. `draw(step)` yields batches of x_1 from `step` on."""
+    def save():
+        common.save_checkpoint(path, {"model": net.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict()},
+                               cfg_json, {"step": step, "wall_s": wall, "finished": step >= total_steps,
+                                          "hardware": f"{device.type}, {torch.get_num_threads()} threads"})
+    gen = torch.Generator().manual_seed(args.seed + step)
+    t_start, wall0, last_save, losses = time.time(), wall, time.time(), []
+    bar = tqdm(total=total_steps, initial=step, desc=desc)
+    for x1 in ([] if step >= total_steps else draw(step)):
+        with common.autocast(device, args.amp):
+            loss = rf_loss(net, x1.to(device), gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        common.ema_update(ema, net, args.ema_decay)
+        step += 1
+        losses.append(loss.item())
+        bar.update(1)
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-200:]):.4f}")
+        now = time.time()
+        wall = wall0 + now - t_start
+        done = step >= total_steps or (args.max_minutes is not None and now - t_start > 60 * args.max_minutes)
+        if done or now - last_save > 300:
+            save()
+            last_save = now
+        if done:
+            break
+    if not losses and not os.path.exists(path):
+        save()
+    bar.close()
+    return step, wall
+
+
+def resume(path, cfg_json, net, ema, opt, what):
+    """(step, wall) of a checkpoint to continue from, or (0, 0) for a fresh start."""
+    if not os.path.exists(path):
+        return 0, 0.0
+    ckpt = common.load_checkpoint(path)
+    if ckpt["config"].get("model") != cfg_json["model"] or ckpt["config"].get("base") != cfg_json.get("base"):
+        raise SystemExit(f"noise_correction: {path} holds a {what} with other settings; use another --out or "
+                         f"--corrector, or the same flags")
+    net.load_state_dict(ckpt["state_dicts"]["model"]), ema.load_state_dict(ckpt["state_dicts"]["ema"])
+    opt.load_state_dict(ckpt["state_dicts"]["opt"])
+    print(f"resuming the {what} at step {ckpt['extra']['step']} ({ckpt['extra']['wall_s'] / 3600:.2f} h so far)")
+    return ckpt["extra"]["step"], ckpt["extra"]["wall_s"]
+
+
+def pretrain(args, device):
+    data = load_data(args)
+    cfg = model_config(args, data["channels"])
+    path = os.path.join(args.out, "ref.pt")
+    net, ema = build_model(cfg).to(device), build_model(cfg).to(device)
+    ema.load_state_dict(net.state_dict())
+    opt = torch.optim.Adam(net.parameters(), lr=args.lr)
+    cfg_json = {"model": cfg, "data": args.data, "command": " ".join(sys.argv)}
+    step, wall = resume(path, cfg_json, net, ema, opt, "base flow")
+    print(f"pre-training the base flow: {n_params(net):,} parameters, {cfg}, batch {args.batch_size}, lr {args.lr}, "
+          f"to step {args.train_steps} on {len(data['train']):,} images")
+
+    def draw(start):
+        while True:                                            # one reshuffle per epoch, seeded by where we stand
+            gen = torch.Generator().manual_seed(args.seed * 100_003 + start)
+            for x in torch.utils.data.DataLoader(data["train"], args.batch_size, shuffle=True, drop_last=True,
+                                                 num_workers=args.workers, generator=gen):
+                yield to_float(as_tensor(x))
+            start += 1
+    step, _ = train_flow(common.maybe_compile(net, args.compile), ema, opt, path, cfg_json, draw, args.train_steps,
+                         args, device, "pre-training", step, wall)
+    torch.manual_seed(args.seed)
+    x = flow_sample(ema.eval(), torch.randn(64, cfg["in_ch"], args.image_size, args.image_size, device=device), args.N)
+    plot_side_by_side([(f"base, {step} steps of training, N={args.N}", to_uint8(x))], os.path.join(args.out, "samples.png"))
+    if step >= args.train_steps:  # the EMA weights alone, a quarter of ref.pt: the file to ship in checkpoints/
+        common.save_checkpoint(os.path.join(args.out, "ref_ema.pt"), {"ema": ema.state_dict()}, cfg_json, {"step": step})
+    print(f"saved {path} at step {step}" + (f" and {os.path.join(args.out, 'ref_ema.pt')}" if step >= args.train_steps
+                                            else "") + f"; samples in {os.path.join(args.out, 'samples.png')}")
+
+
+# -- corrector: invert the training set, train a small flow from N(0, I) to the inverse noises (SPEC 5) ----------
+
+def invert_training_set(args, base, data, base_sha, device):
+    """Inverse noises of n_invert training images (a seeded subset), resumable from <out>/inverse_N<N>.pt.
+    Stored as float16 (the corrector learns their distribution; 1e-3 relative precision is ample)."""
+    path = os.path.join(args.out, f"inverse_N{args.N}.pt")
+    key = {"base": base_sha, "N": args.N, "n_b": args.n_b, "tol": args.tol, "sigma": args.sigma,
+           "n_invert": args.n_invert, "seed": args.seed}
+    n = min(args.n_invert, len(data["train"]))
+    order = torch.randperm(len(data["train"]), generator=torch.Generator().manual_seed(args.seed))[:n]
+    z, worst, report = [], [], None
+    if os.path.exists(path):
+        st = common.load_checkpoint(path)
+        if st["config"] != key:
+            raise SystemExit(f"noise_correction: {path} holds inverse noises with other settings; use another --out")
+        z, worst, report = [st["state_dicts"]["z"]["z"]], [st["state_dicts"]["z"]["residual"]], st["extra"]
+    done = sum(len(a) for a in z)
+
+    def save():
+        common.save_checkpoint(path, {"z": {"z": torch.cat(z), "residual": torch.cat(worst)}}, key, report)
+    t0, last = time.time(), time.time()
+    bar = tqdm(total=n, initial=done, desc=f"inverting through the {args.N}-step sampler")
+    gen = torch.Generator().manual_seed(args.seed + done)
+    for b in range(done, n, args.sample_batch):
+        x = to_float(torch.stack([as_tensor(data["train"][int(i)]) for i in order[b:b + args.sample_batch]]))
+        x = (x + args.sigma * torch.randn(x.shape, generator=gen)).to(device)             # SPEC 5's jitter
+        if report is None:
+            report = inversion_report(base, x[:64], args.N, args.n_b, args.tol)
+            print(f"inversion on {report['n']} images: residual max {report['residual_rms_max']:.2e}, round trip "
+                  f"RMS max {report['roundtrip_rms_max']:.2e} (abs max {report['roundtrip_abs_max']:.2e}), "
+                  f"hL max {report['hL_max']:.3g}, iterations per step {report['iterations_per_step']}")
+        zb, wb, _, _ = invert(base, x, args.N, args.n_b, args.tol)
+        z.append(zb.half().cpu()), worst.append(wb.cpu())
+        bar.update(len(x))
+        if time.time() - last > 300:
+            save()
+            last = time.time()
+        if args.max_minutes is not None and time.time() - t0 > 60 * args.max_minutes:
+            break
+    bar.close()
+    save()
+    z, worst = torch.cat(z), torch.cat(worst)
+    return z, worst, report, len(z) >= n
+
+
+def train_corrector(args, base, base_cfg, data, device):
+    """Invert, drop non-converged solves, train the corrector with the same rectified-flow loss. Resumable: the
+    corrector checkpoint carries its optimiser and step; it records the base it belongs to and N."""
+    base_sha = file_digest(args.ref)
+    z, worst, report, complete = invert_training_set(args, base, data, base_sha, device)
+    if not complete:
+        print(f"inverted {len(z):,}/{args.n_invert:,} images; run the same command again to continue")
+        return False
+    keep = (worst <= args.drop_residual) & torch.isfinite(z.float()).flatten(1).all(1)
+    report |= {"n_inverted": len(z), "n_dropped": int((~keep).sum()), "residual_rms_median": float(worst.median()),
+               "drop_residual": args.drop_residual}
+    z = z[keep]
+    print(f"inverse noises: {len(z):,} kept, {report['n_dropped']:,} dropped (residual > {args.drop_residual}); "
+          f"RMS {float(rms(z.float()).mean()):.3f} (N(0, I) has 1)")
+    if len(z) == 0:
+        raise SystemExit("noise_correction: every inversion failed to converge; raise --N or --n_b, or --sigma")
+    cfg = corrector_config(base_cfg, args.corrector_width, args.plain_corrector)
+    net, ema = build_model(cfg).to(device), build_model(cfg).to(device)
+    if net.gauss_skip:  # N(mu, diag s^2) fitted to the inverse noises: what a fresh corrector samples exactly
+        mu = sum(c.float().sum(0) for c in z.split(1024)) / len(z)
+        net.g_mu.copy_(mu), net.g_var.copy_(sum(((c.float() - mu) ** 2).sum(0) for c in z.split(1024)) / (len(z) - 1))
+    ema.load_state_dict(net.state_dict())
+    opt = torch.optim.Adam(net.parameters(), lr=args.lr)
+    cfg_json = {"model": cfg, "base": {"sha1": base_sha, "N": args.N}, "inversion": report, "command": " ".join(sys.argv)}
+    step, wall = resume(args.corrector, cfg_json, net, ema, opt, "corrector")
+    print(f"training the corrector: {n_params(net):,} parameters ({n_params(net) / n_params(base):.3f} of the base), "
+          f"{cfg}, {args.corrector_steps} steps")
+
+    def draw(start):
+        gen = torch.Generator().manual_seed(args.seed + 7 + start)
+        while True:
+            yield z[torch.randint(len(z), (args.batch_size,), generator=gen)].float()
+    step, _ = train_flow(common.maybe_compile(net, args.compile), ema, opt, args.corrector, cfg_json, draw,
+                         args.corrector_steps, args, device, f"corrector for N={args.N}", step, wall)
+    return step >= args.corrector_steps
+
+
+def load_corrector(args, base_sha, device):
+    net, cfg, ckpt = load_flow(args.corrector, device, "corrector")
+    base = ckpt["config"].get("base") or {}
+    if base.get("sha1") != base_sha or base.get("N") != args.N:
+        raise SystemExit(f"noise_correction: {args.corrector} belongs to base {base.get('sha1')} at N={base.get('N')}, "
+                         f"not to {args.ref} at N={args.N}; train one with --train_corrector (one per N)")
+    return net, ckpt["config"].get("inversion")
+
+
+def corrector_ready(path, steps):
+    try:
+        return os.path.exists(path) and (common.load_checkpoint(path)["extra"] or {}).get("step", steps) >= steps
+    except common.CheckpointError as e:
+        raise SystemExit(f"noise_correction: {e}")
+
+
+# -- FID (SPEC 6): an offline feature network, pytorch-fid's Inception from a file, Frechet distance ------------
+
+class FeatureCNN(nn.Module):
+    """graft-fmnist-cnn: a small Fashion-MNIST classifier; its 256-d pooled last layer is the FID feature."""
+
+    def __init__(self, in_ch=1, n_classes=10):
+        super().__init__()
+        layers, c = [], in_ch
+        for cout, stride in ((32, 1), (64, 2), (128, 2), (128, 1), (256, 2)):
+            layers += [nn.Conv2d(c, cout, 3, stride, 1), nn.BatchNorm2d(cout), nn.ReLU()]
+            c = cout
+        self.body, self.fc = nn.Sequential(*layers), nn.Linear(256, n_classes)
+
+    def features(self, x):
+        return self.body(x).mean((2, 3))                                                   # (B, 256)
+
+    def forward(self, x):
+        return self.fc(self.features(x))
+
+
+def train_classifier(train, test, path, epochs=2.0, device="cpu", seed=0):
+    """Trained once, cached at `path`: the metric must not change between runs."""
+    torch.manual_seed(seed)
+    net = FeatureCNN().to(device)
+    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
+    x, y = train
+    steps = max(1, round(epochs * (len(x) // 128)))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=steps)
+    for _ in tqdm(range(steps), desc="training the FID feature network"):
+        idx = torch.randint(len(x), (128,))
+        loss = F.cross_entropy(net(to_float(x[idx]).to(device)), y[idx].to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step(), sched.step()
+    net.eval()
+    with torch.no_grad():
+        pred = torch.cat([net(to_float(test[0][i:i + 500]).to(device)).argmax(1).cpu() for i in range(0, len(test[0]), 500)])
+        acc = float((pred == test[1]).float().mean())
+    common.save_checkpoint(path, {"model": net.state_dict()}, {"name": CLASSIFIER_NAME}, {"test_accuracy": acc})
+    print(f"feature network: test accuracy {acc:.4f}, saved {path}")
+    return net
+
+
+def _fid_pool_block(cls, pool):
+    """A torchvision Inception block whose pooling branch uses pytorch-fid's pooling (TF's FID graph):
+    average pooling without the zero padding in the count (A, C, E_1), max pooling in the last block (E_2)."""
+    class FIDBlock(cls):
+        def _forward(self, x):
+            outs = super()._forward(x)
+            outs[-1] = self.branch_pool(pool(x))
+            return outs
+    FIDBlock.__name__ = "FID" + cls.__name__
+    return FIDBlock
+
+
+def load_inception(path):
+    """pytorch-fid's FID Inception (pt_inception-2015-12-05-6726825d.pth) in torchvision's Inception3: the keys
+    map 1:1 (1008 classes, no aux head); the blocks get pytorch-fid's pooling. Returns features(x in [-1, 1])."""
+    from torchvision.models import inception as tvi
+    avg = lambda x: F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
+    net = tvi.Inception3(num_classes=1008, aux_logits=False, init_weights=False,
+                         inception_blocks=[tvi.BasicConv2d, _fid_pool_block(tvi.InceptionA, avg), tvi.InceptionB,
+                                           _fid_pool_block(tvi.InceptionC, avg), tvi.InceptionD,
+                                           _fid_pool_block(tvi.InceptionE, avg), tvi.InceptionAux])
+    net.Mixed_7c = _fid_pool_block(tvi.InceptionE, lambda x: F.max_pool2d(x, 3, stride=1, padding=1))(2048)
+    try:
+        sd = common.load_checkpoint(path)["state_dicts"]["model"]
+        common.load_state(net, sd, f"Inception weights {path!r}")
+    except common.CheckpointError as e:
+        raise SystemExit(f"noise_correction: {e}; --inception wants pytorch-fid's pt_inception-2015-12-05-6726825d.pth")
+    net.eval().requires_grad_(False)
+
+    def features(x):                                                                       # pytorch-fid's InceptionV3
+        x = x.float().expand(-1, 3, -1, -1)                                                # grey -> RGB
+        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)        # [-1, 1] already
+        for name, m in net.named_children():
+            if name in ("dropout", "fc"):
+                break
+            x = m(x)
+        return x.flatten(1)                                                                # (B, 2048) pool3
+    return features
+
+
+def feature_network(args, data, device):
+    """(features fn, name, tag of the weights): pytorch-fid's Inception if --inception, else graft-fmnist-cnn."""
+    if args.inception:
+        f = load_inception(args.inception)
+        return lambda x: f(x.to(device)), INCEPTION_NAME, file_digest(args.inception)
+    if not os.path.exists(args.classifier):
+        lab = data["labels"]
+        train_classifier(lab["train"], lab["test"], args.classifier, args.classifier_epochs, device, args.seed)
+    net = FeatureCNN().to(device)
+    try:
+        common.load_state(net, common.load_checkpoint(args.classifier)["state_dicts"]["model"], args.classifier)
+    except common.CheckpointError as e:
+        raise SystemExit(f"noise_correction: {e}; delete it to retrain the feature network")
+    net.eval().requires_grad_(False)
+    return lambda x: net.features(x.to(device)), CLASSIFIER_NAME, file_digest(args.classifier)
+
+
+@torch.no_grad()
+def feature_stats(feat, images_uint8, batch):
+    """(mu, Sigma) in float64 of the features of uint8 images, as pytorch-fid (rowvar=False, ddof=1)."""
+    f = np.concatenate([feat(to_float(images_uint8[i:i + batch])).double().cpu().numpy()
+                        for i in range(0, len(images_uint8), batch)])
+    return f.mean(0), np.cov(f, rowvar=False)
+
+
+def reference_stats(args, data, feat, feat_tag):
+    """The real images' statistics, cached by (feature weights, reference set)."""
+    key = f"{feat_tag}|{data['ref_name']}|{len(data['ref'])}|{os.path.abspath(args.data)}|{args.image_size}|{args.n_ref}"
+    cache = os.path.join(args.cache_dir, f"fid_ref_{hashlib.sha1(key.encode()).hexdigest()[:12]}.npz")
+    if os.path.exists(cache):
+        z = np.load(cache)
+        return z["mu"], z["sigma"]
+    ds = data["ref"]
+    n = min(len(ds), args.n_ref)
+    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:n] if n < len(ds) else range(n)
+    imgs = (torch.stack([as_tensor(ds[int(i)]) for i in tqdm(idx, desc="FID reference images", leave=False)])
+            if not args.fmnist else ds.tensors[0])
+    mu, sigma = feature_stats(feat, imgs, args.sample_batch)
+    os.makedirs(os.path.dirname(cache), exist_ok=True)
+    np.savez(cache + ".tmp.npz", mu=mu, sigma=sigma)
+    os.replace(cache + ".tmp.npz", cache)
+    return mu, sigma
+
+
+# -- evaluation: FID against FLOPs per image ---------------------------------------------------------------------
+
+@torch.no_grad()
+def generate(base, corrector, N, N_c, n, seed, shape, batch, device, amp, desc):
+    """n images (uint8) from noise seed `seed`: corrector N_c steps (if any), then the base N steps. The same seed
+    gives the same xi ~ N(0, I) to every sampler (common random numbers: differences are less noisy)."""
+    gen, out = torch.Generator().manual_seed(seed), []
+    for b in tqdm(range(0, n, batch), desc=desc, leave=False):
+        x = torch.randn((min(batch, n - b), *shape), generator=gen).to(device)            # xi (B, C, H, W)
+        if corrector is not None:
+            x = flow_sample(corrector, x, N_c, amp)
+        out.append(to_uint8(flow_sample(base, x, N, amp)).cpu())
+    return torch.cat(out)
+
+
+def evaluate_point(args, base, corrector, N, N_c, flops, feat, ref_stats, shape, device):
+    """FID of one sampler over fid_seeds noise seeds, with FLOPs and NFE per image."""
+    fids, t0, first = [], time.time(), None
+    for s in range(args.fid_seeds):
+        imgs = generate(base, corrector, N, N_c if corrector is not None else 0, args.n_eval, args.seed * 1000 + s,
+                        shape, args.sample_batch, device, args.amp, f"N={N}" + (f", N_c={N_c}" if corrector else ""))
+        fids.append(common.frechet_distance(*feature_stats(feat, imgs, args.sample_batch), *ref_stats))
+        first = imgs[:64] if first is None else first
+    nfe_c = N_c if corrector is not None else 0
+    point = {"sampler": "corrected" if corrector is not None else "base", "N": N, "N_c": nfe_c,
+             "nfe": N + nfe_c, "flops_per_image": N * flops["base"] + nfe_c * flops.get("corrector", 0),
+             "n_samples": args.n_eval, "wall_s": time.time() - t0,
+             "metrics": {"fid": dict(common.mean_ci95(fids), per_seed=fids,
+                                     std=float(np.std(fids, ddof=1)) if len(fids) > 1 else None)}}
+    fid = point["metrics"]["fid"]
+    sd = f" ± {fid['std']:.2f} (std over {len(fids)} seeds)" if len(fids) > 1 else ""
+    print(f"{point['sampler']:>9}  N {N:>4}  N_c {nfe_c:>4}  FLOPs/image {point['flops_per_image']:.3e}  "
+          f"FID {fid['mean']:.2f}{sd}  [{point['wall_s']:.0f} s]")
+    return point, first
+
+
+def plot_side_by_side(panels, path):
+    """Base and corrected samples from the same noise seeds, side by side."""
+    import torchvision
+    plt = common.pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4.4))
+    for ax, (title, imgs) in zip(np.atleast_1d(axes), panels):
+        g = torchvision.utils.make_grid(imgs[:64], nrow=8, padding=1, pad_value=255).permute(1, 2, 0).numpy()
+        ax.imshow(g.squeeze(-1) if g.shape[-1] == 1 else g, cmap="gray", vmin=0, vmax=255)
+        ax.set_title(title, fontsize=9), ax.axis("off")
+    fig.tight_layout(), fig.savefig(path, dpi=130), plt.close(fig)
+
+
+def plot_fid_flops(curve, path, feat_name):
+    plt = common.pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for kind, style in (("base", "o-"), ("corrected", "*")):
+        pts = [c for c in curve if c["sampler"] == kind]
+        x, fid = [c["flops_per_image"] for c in pts], [c["metrics"]["fid"] for c in pts]
+        if pts:
+            ax.errorbar(x, [f["mean"] for f in fid], yerr=[f["std"] or 0 for f in fid], fmt=style, capsize=3,
+                        ms=6 if kind == "base" else 13, label="base (N steps)" if kind == "base" else "corrector N_c + base N")
+            for c, xi, f in zip(pts, x, fid):
+                ax.annotate(f"{c['N']}" if kind == "base" else f"{c['N_c']}+{c['N']}", (xi, f["mean"]),
+                            textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xscale("log"), ax.set_xlabel("FLOPs per image"), ax.set_ylabel("FID")
+    ax.set_title(f"FID: {feat_name.split(' (')[0]}", fontsize=8), ax.legend(fontsize=8), ax.grid(alpha=0.3)
+    fig.tight_layout(), fig.savefig(path, dpi=130), plt.close(fig)
+
+
+def fid_vs_flops(args, base, corrector, data, flops, N_match, shape, device):
+    """The base at every step count of the curve (and at the FLOPs-matched N'), then the corrected sampler: FID over
+    fid_seeds seeds each, from the same noises; PNGs of base, corrected and matched base side by side."""
+    feat, feat_name, feat_tag = feature_network(args, data, device)
+    ref_stats = reference_stats(args, data, feat, feat_tag)
+    print(f"FID: {feat_name}; reference: {data['ref_name']}; {args.n_eval:,} samples x {args.fid_seeds} seeds per point")
+    curve, grids = [], {}
+    for N in sorted(set(args.base_steps) | {args.N} | ({N_match} if corrector is not None else set())):
+        pt, grids[N] = evaluate_point(args, base, None, N, 0, flops, feat, ref_stats, shape, device)
+        curve.append(pt)
+    fid = {c["N"]: c["metrics"]["fid"]["mean"] for c in curve}
+    panels = [(f"base N={args.N}, FID {fid[args.N]:.1f}", grids[args.N])]
+    if corrector is not None:
+        pt, imgs = evaluate_point(args, base, corrector, args.N, args.N_c, flops, feat, ref_stats, shape, device)
+        curve.append(pt)
+        panels += [(f"corrected N_c={args.N_c} + N={args.N}, FID {pt['metrics']['fid']['mean']:.1f}", imgs),
+                   (f"base N'={N_match} (matched FLOPs), FID {fid[N_match]:.1f}", grids[N_match])]
+    plot_side_by_side(panels, os.path.join(args.out, "samples_base_vs_corrected.png"))
+    plot_fid_flops(curve, os.path.join(args.out, "fid_vs_flops.png"), feat_name)
+    return curve, feat_name
+
+
+# -- main -------------------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    args = parse_args(argv)
+    common.seed_everything(args.seed)
+    device = common.get_device(args.device)
+    args.out = args.out or os.path.join("runs", f"noise_pretrain_{args.preset}" if args.pretrain else "noise_correction")
+    os.makedirs(args.out, exist_ok=True)
+    if args.pretrain:
+        return pretrain(args, device)
+    args.corrector = args.corrector or (os.path.join(HERE, "checkpoints", f"fmnist_flow_cpu_corrector_N{args.N}.pt")
+                                        if args.ref == DEFAULT_REF else os.path.join(args.out, f"corrector_N{args.N}.pt"))
+    base, base_cfg, _ = load_flow(args.ref, device, "base")
+    data = load_data(args)
+    shape = (base_cfg["in_ch"], base_cfg["image_size"], base_cfg["image_size"])
+    if base_cfg["gauss_skip"] or shape[0] != data["channels"] or shape[1] != args.image_size:
+        raise SystemExit(f"noise_correction: {args.ref} is not a base flow for {data['channels']}-channel "
+                         f"{args.image_size}px images; pass the matching --ref, --data or --image_size")
+    # FLOPs per image: N F_base for the base, N_c F_corrector + N F_base corrected; N' matches the latter
+    c_cfg = corrector_config(base_cfg, args.corrector_width, args.plain_corrector)
+    probe = build_model(c_cfg).to(device)
+    flops = {"base": flops_per_forward(base, *shape[:2], device), "corrector": flops_per_forward(probe, *shape[:2], device)}
+    corr_flops = args.N * flops["base"] + args.N_c * flops["corrector"]
+    N_match = math.ceil(corr_flops / flops["base"] - 1e-9)
+    print(f"base: {args.ref}, {n_params(base):,} parameters, {flops['base']:.3e} FLOPs/forward, N {args.N} "
+          f"(h = {args.h:.4g}); corrector: {n_params(probe):,} parameters ({n_params(probe) / n_params(base):.3f} of the "
+          f"base), {flops['corrector']:.3e} FLOPs/forward, N_c {args.N_c}; corrected sampler {corr_flops:.3e} "
+          f"FLOPs/image, base at N' = {N_match} {N_match * flops['base']:.3e}; inverting {args.n_invert:,} images "
+          f"takes <= {args.n_invert * args.N * (args.n_b + 1):,} forwards")
+    base = common.maybe_compile(base, args.compile)
+    corrector, inversion = None, None
+    if not args.eval_only:  # SPEC 5: invert the training set, train the corrector (once per base and N)
+        if args.train_corrector or not corrector_ready(args.corrector, args.corrector_steps):
+            if not train_corrector(args, base, base_cfg, data, device) or args.train_corrector:
+                return None
+        corrector, inversion = load_corrector(args, file_digest(args.ref), device)
+        corrector = common.maybe_compile(corrector, args.compile)
+    t0 = time.time()
+    curve, feat_name = fid_vs_flops(args, base, corrector, data, flops, N_match, shape, device)
+    results = {"task": "noise_correction", "method": "base" if corrector is None else "inverse_noise_correction",
+               "command": "python noise_correction.py " + " ".join(sys.argv[1:] if argv is None else argv),
+               "config": vars(args) | {"model": base_cfg, "corrector_model": c_cfg},
+               "fid_network": feat_name, "fid_reference": data["ref_name"], "flops_per_forward": flops,
+               "params": {"base": n_params(base), "corrector": n_params(probe)},
+               "reference": next(c for c in curve if c["sampler"] == "base" and c["N"] == args.N)}
+    if corrector is not None:
+        pt, m = curve[-1], next(c for c in curve if c["sampler"] == "base" and c["N"] == N_match)
+        f_c, f_b = pt["metrics"]["fid"]["mean"], m["metrics"]["fid"]["mean"]
+        results |= {"finetuned": pt, "inversion": inversion,
+                    "matched": {"corrected": pt, "base": m, "corrected_fid_lower": f_c < f_b,
+                                "flops_ratio": pt["flops_per_image"] / m["flops_per_image"]}}
+        print(f"at matched FLOPs: corrected FID {f_c:.2f} ({pt['flops_per_image']:.3e} FLOPs/image) vs base "
+              f"N'={N_match} FID {f_b:.2f} ({m['flops_per_image']:.3e})")
+    results["curve"] = curve
+    results["compute"] = {"samples": sum(c["n_samples"] * args.fid_seeds for c in curve),
+                          "nfe_sampling": sum(c["n_samples"] * args.fid_seeds * c["nfe"] for c in curve),
+                          "wall_s": time.time() - t0}
+    common.write_json(os.path.join(args.out, "results.json"), results)
+    print(f"wrote {os.path.join(args.out, 'results.json')}, fid_vs_flops.png, samples_base_vs_corrected.png")
+    return results
+
+
+if __name__ == "__main__":
+    main()
