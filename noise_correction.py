@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import common
+from inception import load_inception
 
 # -- config ---------------------------------------------------------------------------------------------------
 
@@ -184,22 +185,15 @@ def read_idx(path):
         raw = f.read()
     if len(raw) < 4 or raw[:2] != b"\x00\x00" or raw[2] != 0x08:
         raise ValueError(f"{os.path.basename(path)} is not an IDX file of unsigned bytes")
-    ndim = raw[3]
-    shape = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    data = np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim)
-    if data.size != math.prod(shape):
-        raise ValueError(f"{os.path.basename(path)} holds {data.size} bytes, its header says {shape}")
-    return data.reshape(shape)
+    shape = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(raw[3])]
+    return np.frombuffer(raw, np.uint8, offset=4 + 4 * len(shape)).reshape(shape)
 
 
 def find_fashion_mnist(data_root):
     """{name: path} from the Debian package's folder or torchvision's <root>/FashionMNIST/raw, or None."""
     for d in FMNIST_DIRS + (os.path.join(data_root, "FashionMNIST", "raw"),):
-        found = {}
-        for name in sum(FMNIST_FILES.values(), ()):
-            for f in (name, name + ".gz"):
-                if os.path.isfile(os.path.join(d, f)):
-                    found[name] = os.path.join(d, f)
+        found = {name: os.path.join(d, f) for name in sum(FMNIST_FILES.values(), ()) for f in (name, name + ".gz")
+                 if os.path.isfile(os.path.join(d, f))}
         if len(found) == 4:
             return found
     return None
@@ -219,9 +213,8 @@ def load_fashion_mnist(data_root, download=False):
         paths = find_fashion_mnist(data_root)
     if paths is None:
         raise SystemExit(f"noise_correction: Fashion-MNIST not found in {FMNIST_DIRS[0]} or "
-                         f"{os.path.join(data_root, 'FashionMNIST', 'raw')}; install it with "
-                         f"'apt-get install dataset-fashion-mnist' (Debian) or rerun with --download (torchvision, "
-                         f"internet)")
+                         f"{os.path.join(data_root, 'FashionMNIST', 'raw')}; install it with 'apt-get install "
+                         f"dataset-fashion-mnist' (Debian) or rerun with --download (torchvision, internet)")
     out = {}
     try:
         for split, (img, lab) in FMNIST_FILES.items():
@@ -237,7 +230,7 @@ def load_fashion_mnist(data_root, download=False):
 
 
 class FolderImages(torch.utils.data.Dataset):
-    """Every image under a folder, centre-cropped to a square and resized: uint8 (3, size, size)."""
+    """Every image under a folder, centre-cropped to a square and resized: items (uint8 (3, size, size),)."""
 
     EXT = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -261,11 +254,11 @@ class FolderImages(torch.utils.data.Dataset):
             s = min(im.size)
             left, top = (im.width - s) // 2, (im.height - s) // 2
             im = im.crop((left, top, left + s, top + s)).resize((self.size, self.size), Image.BICUBIC)
-            return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)            # (3, size, size)
+            return (torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1),)         # (3, size, size)
 
 
 def load_data(args):
-    """{'train': Dataset of uint8 (C, H, W), 'ref': the FID reference set, 'ref_name', 'labels', 'channels'}."""
+    """{'train': Dataset of (uint8 (C, H, W),), 'ref': the FID reference set, 'ref_name', 'labels', 'channels'}."""
     if args.fmnist:
         d = load_fashion_mnist(args.data_root, args.download)
         return {"train": torch.utils.data.TensorDataset(d["train"][0]), "ref": torch.utils.data.TensorDataset(d["test"][0]),
@@ -273,10 +266,6 @@ def load_data(args):
     ds = FolderImages(args.data, args.image_size)
     return {"train": ds, "ref": ds, "ref_name": f"{args.data} ({min(len(ds), args.n_ref):,} images)",
             "labels": None, "channels": 3}
-
-
-def as_tensor(item):
-    return item[0] if isinstance(item, (list, tuple)) else item
 
 
 def to_float(x):
@@ -298,8 +287,7 @@ def norm(c):
 class ResBlock(nn.Module):
     def __init__(self, cin, cout, temb):
         super().__init__()
-        self.n1, self.c1 = norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
-        self.t = nn.Linear(temb, cout)
+        self.n1, self.c1, self.t = norm(cin), nn.Conv2d(cin, cout, 3, padding=1), nn.Linear(temb, cout)
         self.n2, self.c2 = norm(cout), nn.Conv2d(cout, cout, 3, padding=1)
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
@@ -367,16 +355,14 @@ class UNet(nn.Module):
         nn.init.zeros_(self.out[-1].weight), nn.init.zeros_(self.out[-1].bias)  # a fresh corrector samples its Gaussian fit
 
     def embed(self, t):
-        half = self.ch // 2
-        w = self.conv_in.weight
+        half, w = self.ch // 2, self.conv_in.weight
         freqs = torch.exp(-math.log(10_000) * torch.arange(half, device=w.device, dtype=w.dtype) / half)
         a = 1000 * t.to(w.dtype)[:, None] * freqs[None]                                    # (B, ch/2)
         e = torch.cat([a.sin(), a.cos()], 1)
         return self.temb(F.pad(e, (0, self.ch - e.shape[1])))                             # (B, 4 ch)
 
     def forward(self, x, t):
-        emb = self.embed(t)
-        h = self.conv_in(x)
+        emb, h = self.embed(t), self.conv_in(x)
         skips = [h]
         for block in self.down:
             for layer in block:
@@ -419,10 +405,6 @@ def load_flow(ref, device, what):
                 "there) or pass --ref" if ref == DEFAULT_REF else "")
         raise SystemExit(f"noise_correction: {e}{hint}")
     return net.to(device).eval().requires_grad_(False), cfg, ckpt
-
-
-def file_digest(ref):
-    return common.sha1_file(common.resolve_ref(ref))
 
 
 # -- flow: rectified-flow loss, forward Euler (the deployed sampler T), backward-Euler inversion (SPEC 5) -----------
@@ -540,9 +522,23 @@ def flops_per_forward(net, in_ch, size, device):
 
 # -- pre-training the base flow (resumable) ---------------------------------------------------------------------
 
-def train_flow(net, ema, opt, path, cfg_json, draw, total_steps, args, device, desc, step=0, wall=0.0):
-    """Adam on the rectified-flow loss with an EMA copy for sampling; saves <path> atomically every 5 minutes, at
-    the end and when --max_minutes runs out. `draw(step)` yields batches of x_1 from `step` on."""
+def train_flow(net, ema, path, cfg_json, draw, total_steps, args, device, what, desc):
+    """Adam on the rectified-flow loss with an EMA copy for sampling, resumed from <path>; saves <path> atomically
+    every 5 minutes, at the end and when --max_minutes runs out. `draw(step)` yields x_1 batches from `step` on."""
+    ema.load_state_dict(net.state_dict())
+    opt = torch.optim.Adam(net.parameters(), lr=args.lr)
+    step, wall = 0, 0.0
+    if os.path.exists(path):
+        ckpt = common.load_checkpoint(path)
+        if ckpt["config"].get("model") != cfg_json["model"] or ckpt["config"].get("base") != cfg_json.get("base"):
+            raise SystemExit(f"noise_correction: {path} holds a {what} with other settings; use another --out or "
+                             f"--corrector, or the same flags")
+        for k, m in (("model", net), ("ema", ema), ("opt", opt)):
+            m.load_state_dict(ckpt["state_dicts"][k])
+        step, wall = ckpt["extra"]["step"], ckpt["extra"]["wall_s"]
+        print(f"resuming the {what} at step {step} ({wall / 3600:.2f} h so far)")
+    net = common.maybe_compile(net, args.compile)
+
     def save():
         common.save_checkpoint(path, {"model": net.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict()},
                                cfg_json, {"step": step, "wall_s": wall, "finished": step >= total_steps,
@@ -574,21 +570,7 @@ def train_flow(net, ema, opt, path, cfg_json, draw, total_steps, args, device, d
     if not losses and not os.path.exists(path):
         save()
     bar.close()
-    return step, wall
-
-
-def resume(path, cfg_json, net, ema, opt, what):
-    """(step, wall) of a checkpoint to continue from, or (0, 0) for a fresh start."""
-    if not os.path.exists(path):
-        return 0, 0.0
-    ckpt = common.load_checkpoint(path)
-    if ckpt["config"].get("model") != cfg_json["model"] or ckpt["config"].get("base") != cfg_json.get("base"):
-        raise SystemExit(f"noise_correction: {path} holds a {what} with other settings; use another --out or "
-                         f"--corrector, or the same flags")
-    net.load_state_dict(ckpt["state_dicts"]["model"]), ema.load_state_dict(ckpt["state_dicts"]["ema"])
-    opt.load_state_dict(ckpt["state_dicts"]["opt"])
-    print(f"resuming the {what} at step {ckpt['extra']['step']} ({ckpt['extra']['wall_s'] / 3600:.2f} h so far)")
-    return ckpt["extra"]["step"], ckpt["extra"]["wall_s"]
+    return step
 
 
 def pretrain(args, device):
@@ -596,10 +578,7 @@ def pretrain(args, device):
     cfg = model_config(args, data["channels"])
     path = os.path.join(args.out, "ref.pt")
     net, ema = build_model(cfg).to(device), build_model(cfg).to(device)
-    ema.load_state_dict(net.state_dict())
-    opt = torch.optim.Adam(net.parameters(), lr=args.lr)
     cfg_json = {"model": cfg, "data": args.data, "command": " ".join(sys.argv)}
-    step, wall = resume(path, cfg_json, net, ema, opt, "base flow")
     print(f"pre-training the base flow: {n_params(net):,} parameters, {cfg}, batch {args.batch_size}, lr {args.lr}, "
           f"to step {args.train_steps} on {len(data['train']):,} images")
 
@@ -608,10 +587,9 @@ def pretrain(args, device):
             gen = torch.Generator().manual_seed(args.seed * 100_003 + start)
             for x in torch.utils.data.DataLoader(data["train"], args.batch_size, shuffle=True, drop_last=True,
                                                  num_workers=args.workers, generator=gen):
-                yield to_float(as_tensor(x))
+                yield to_float(x[0])
             start += 1
-    step, _ = train_flow(common.maybe_compile(net, args.compile), ema, opt, path, cfg_json, draw, args.train_steps,
-                         args, device, "pre-training", step, wall)
+    step = train_flow(net, ema, path, cfg_json, draw, args.train_steps, args, device, "base flow", "pre-training")
     torch.manual_seed(args.seed)
     x = flow_sample(ema.eval(), torch.randn(64, cfg["in_ch"], args.image_size, args.image_size, device=device), args.N)
     plot_side_by_side([(f"base, {step} steps of training, N={args.N}", to_uint8(x))], os.path.join(args.out, "samples.png"))
@@ -645,7 +623,7 @@ def invert_training_set(args, base, data, base_sha, device):
     bar = tqdm(total=n, initial=done, desc=f"inverting through the {args.N}-step sampler")
     gen = torch.Generator().manual_seed(args.seed + done)
     for b in range(done, n, args.sample_batch):
-        x = to_float(torch.stack([as_tensor(data["train"][int(i)]) for i in order[b:b + args.sample_batch]]))
+        x = to_float(torch.stack([data["train"][int(i)][0] for i in order[b:b + args.sample_batch]]))
         x = (x + args.sigma * torch.randn(x.shape, generator=gen)).to(device)             # SPEC 5's jitter
         if report is None:
             report = inversion_report(base, x[:64], args.N, args.n_b, args.tol)
@@ -667,9 +645,9 @@ def invert_training_set(args, base, data, base_sha, device):
 
 
 def train_corrector(args, base, base_cfg, data, device):
-    """Invert, drop non-converged solves, train the corrector with the same rectified-flow loss. Resumable: the
-    corrector checkpoint carries its optimiser and step; it records the base it belongs to and N."""
-    base_sha = file_digest(args.ref)
+    """Invert, drop non-converged solves, train the corrector with the same rectified-flow loss (resumable); its
+    checkpoint records the base it belongs to and N."""
+    base_sha = common.sha1_file(common.resolve_ref(args.ref))
     z, worst, report, complete = invert_training_set(args, base, data, base_sha, device)
     if not complete:
         print(f"inverted {len(z):,}/{args.n_invert:,} images; run the same command again to continue")
@@ -687,10 +665,7 @@ def train_corrector(args, base, base_cfg, data, device):
     if net.gauss_skip:  # N(mu, diag s^2) fitted to the inverse noises: what a fresh corrector samples exactly
         mu = sum(c.float().sum(0) for c in z.split(1024)) / len(z)
         net.g_mu.copy_(mu), net.g_var.copy_(sum(((c.float() - mu) ** 2).sum(0) for c in z.split(1024)) / (len(z) - 1))
-    ema.load_state_dict(net.state_dict())
-    opt = torch.optim.Adam(net.parameters(), lr=args.lr)
     cfg_json = {"model": cfg, "base": {"sha1": base_sha, "N": args.N}, "inversion": report, "command": " ".join(sys.argv)}
-    step, wall = resume(args.corrector, cfg_json, net, ema, opt, "corrector")
     print(f"training the corrector: {n_params(net):,} parameters ({n_params(net) / n_params(base):.3f} of the base), "
           f"{cfg}, {args.corrector_steps} steps")
 
@@ -698,18 +673,18 @@ def train_corrector(args, base, base_cfg, data, device):
         gen = torch.Generator().manual_seed(args.seed + 7 + start)
         while True:
             yield z[torch.randint(len(z), (args.batch_size,), generator=gen)].float()
-    step, _ = train_flow(common.maybe_compile(net, args.compile), ema, opt, args.corrector, cfg_json, draw,
-                         args.corrector_steps, args, device, f"corrector for N={args.N}", step, wall)
-    return step >= args.corrector_steps
+    return train_flow(net, ema, args.corrector, cfg_json, draw, args.corrector_steps, args, device, "corrector",
+                      f"corrector for N={args.N}") >= args.corrector_steps
 
 
-def load_corrector(args, base_sha, device):
-    net, cfg, ckpt = load_flow(args.corrector, device, "corrector")
+def load_corrector(args, device):
+    """(corrector, the report of its inversion); it must belong to --ref at this N."""
+    net, _, ckpt = load_flow(args.corrector, device, "corrector")
     base = ckpt["config"].get("base") or {}
-    if base.get("sha1") != base_sha or base.get("N") != args.N:
+    if base.get("sha1") != common.sha1_file(common.resolve_ref(args.ref)) or base.get("N") != args.N:
         raise SystemExit(f"noise_correction: {args.corrector} belongs to base {base.get('sha1')} at N={base.get('N')}, "
                          f"not to {args.ref} at N={args.N}; train one with --train_corrector (one per N)")
-    return net, ckpt["config"].get("inversion")
+    return common.maybe_compile(net, args.compile), ckpt["config"].get("inversion")
 
 
 def corrector_ready(path, steps):
@@ -719,7 +694,7 @@ def corrector_ready(path, steps):
         raise SystemExit(f"noise_correction: {e}")
 
 
-# -- FID (SPEC 6): an offline feature network, pytorch-fid's Inception from a file, Frechet distance ------------
+# -- FID (SPEC 6): an offline feature network or pytorch-fid's Inception (inception.py), Frechet distance -------
 
 class FeatureCNN(nn.Module):
     """graft-fmnist-cnn: a small Fashion-MNIST classifier; its 256-d pooled last layer is the FID feature."""
@@ -759,54 +734,13 @@ def train_classifier(train, test, path, epochs=2.0, device="cpu", seed=0):
         acc = float((pred == test[1]).float().mean())
     common.save_checkpoint(path, {"model": net.state_dict()}, {"name": CLASSIFIER_NAME}, {"test_accuracy": acc})
     print(f"feature network: test accuracy {acc:.4f}, saved {path}")
-    return net
-
-
-def _fid_pool_block(cls, pool):
-    """A torchvision Inception block whose pooling branch uses pytorch-fid's pooling (TF's FID graph):
-    average pooling without the zero padding in the count (A, C, E_1), max pooling in the last block (E_2)."""
-    class FIDBlock(cls):
-        def _forward(self, x):
-            outs = super()._forward(x)
-            outs[-1] = self.branch_pool(pool(x))
-            return outs
-    FIDBlock.__name__ = "FID" + cls.__name__
-    return FIDBlock
-
-
-def load_inception(path):
-    """pytorch-fid's FID Inception (pt_inception-2015-12-05-6726825d.pth) in torchvision's Inception3: the keys
-    map 1:1 (1008 classes, no aux head); the blocks get pytorch-fid's pooling. Returns features(x in [-1, 1])."""
-    from torchvision.models import inception as tvi
-    avg = lambda x: F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
-    net = tvi.Inception3(num_classes=1008, aux_logits=False, init_weights=False,
-                         inception_blocks=[tvi.BasicConv2d, _fid_pool_block(tvi.InceptionA, avg), tvi.InceptionB,
-                                           _fid_pool_block(tvi.InceptionC, avg), tvi.InceptionD,
-                                           _fid_pool_block(tvi.InceptionE, avg), tvi.InceptionAux])
-    net.Mixed_7c = _fid_pool_block(tvi.InceptionE, lambda x: F.max_pool2d(x, 3, stride=1, padding=1))(2048)
-    try:
-        sd = common.load_checkpoint(path)["state_dicts"]["model"]
-        common.load_state(net, sd, f"Inception weights {path!r}")
-    except common.CheckpointError as e:
-        raise SystemExit(f"noise_correction: {e}; --inception wants pytorch-fid's pt_inception-2015-12-05-6726825d.pth")
-    net.eval().requires_grad_(False)
-
-    def features(x):                                                                       # pytorch-fid's InceptionV3
-        x = x.float().expand(-1, 3, -1, -1)                                                # grey -> RGB
-        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)        # [-1, 1] already
-        for name, m in net.named_children():
-            if name in ("dropout", "fc"):
-                break
-            x = m(x)
-        return x.flatten(1)                                                                # (B, 2048) pool3
-    return features
 
 
 def feature_network(args, data, device):
     """(features fn, name, tag of the weights): pytorch-fid's Inception if --inception, else graft-fmnist-cnn."""
     if args.inception:
         f = load_inception(args.inception)
-        return lambda x: f(x.to(device)), INCEPTION_NAME, file_digest(args.inception)
+        return lambda x: f(x.to(device)), INCEPTION_NAME, common.sha1_file(args.inception)
     if not os.path.exists(args.classifier):
         lab = data["labels"]
         train_classifier(lab["train"], lab["test"], args.classifier, args.classifier_epochs, device, args.seed)
@@ -816,7 +750,7 @@ def feature_network(args, data, device):
     except common.CheckpointError as e:
         raise SystemExit(f"noise_correction: {e}; delete it to retrain the feature network")
     net.eval().requires_grad_(False)
-    return lambda x: net.features(x.to(device)), CLASSIFIER_NAME, file_digest(args.classifier)
+    return lambda x: net.features(x.to(device)), CLASSIFIER_NAME, common.sha1_file(args.classifier)
 
 
 @torch.no_grad()
@@ -837,7 +771,7 @@ def reference_stats(args, data, feat, feat_tag):
     ds = data["ref"]
     n = min(len(ds), args.n_ref)
     idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:n] if n < len(ds) else range(n)
-    imgs = (torch.stack([as_tensor(ds[int(i)]) for i in tqdm(idx, desc="FID reference images", leave=False)])
+    imgs = (torch.stack([ds[int(i)][0] for i in tqdm(idx, desc="FID reference images", leave=False)])
             if not args.fmnist else ds.tensors[0])
     mu, sigma = feature_stats(feat, imgs, args.sample_batch)
     os.makedirs(os.path.dirname(cache), exist_ok=True)
@@ -848,36 +782,27 @@ def reference_stats(args, data, feat, feat_tag):
 
 # -- evaluation: FID against FLOPs per image ---------------------------------------------------------------------
 
-@torch.no_grad()
-def generate(base, corrector, N, N_c, n, seed, shape, batch, device, amp, desc):
-    """n images (uint8) from noise seed `seed`: corrector N_c steps (if any), then the base N steps. The same seed
-    gives the same xi ~ N(0, I) to every sampler (common random numbers: differences are less noisy)."""
-    gen, out = torch.Generator().manual_seed(seed), []
-    for b in tqdm(range(0, n, batch), desc=desc, leave=False):
-        x = torch.randn((min(batch, n - b), *shape), generator=gen).to(device)            # xi (B, C, H, W)
-        if corrector is not None:
-            x = flow_sample(corrector, x, N_c, amp)
-        out.append(to_uint8(flow_sample(base, x, N, amp)).cpu())
-    return torch.cat(out)
-
-
 def evaluate_point(args, base, corrector, N, N_c, flops, feat, ref_stats, shape, device):
-    """FID of one sampler over fid_seeds noise seeds, with FLOPs and NFE per image."""
-    fids, t0, first = [], time.time(), None
+    """FID of one sampler, corrector (N_c steps) then base (N steps), or the base alone (corrector None, N_c = 0),
+    over fid_seeds noise seeds, with FLOPs and NFE per image. Seed s gives every sampler the same xi ~ N(0, I)
+    (common random numbers: differences are less noisy)."""
+    fids, t0, first, B = [], time.time(), None, args.sample_batch
     for s in range(args.fid_seeds):
-        imgs = generate(base, corrector, N, N_c if corrector is not None else 0, args.n_eval, args.seed * 1000 + s,
-                        shape, args.sample_batch, device, args.amp, f"N={N}" + (f", N_c={N_c}" if corrector else ""))
-        fids.append(common.frechet_distance(*feature_stats(feat, imgs, args.sample_batch), *ref_stats))
+        gen, imgs = torch.Generator().manual_seed(args.seed * 1000 + s), []
+        for b in tqdm(range(0, args.n_eval, B), desc=f"N={N}" + (f", N_c={N_c}" if corrector else ""), leave=False):
+            x = torch.randn((min(B, args.n_eval - b), *shape), generator=gen).to(device)     # xi (B, C, H, W)
+            if corrector is not None:
+                x = flow_sample(corrector, x, N_c, args.amp)
+            imgs.append(to_uint8(flow_sample(base, x, N, args.amp)).cpu())
+        imgs = torch.cat(imgs)
+        fids.append(common.frechet_distance(*feature_stats(feat, imgs, B), *ref_stats))
         first = imgs[:64] if first is None else first
-    nfe_c = N_c if corrector is not None else 0
-    point = {"sampler": "corrected" if corrector is not None else "base", "N": N, "N_c": nfe_c,
-             "nfe": N + nfe_c, "flops_per_image": N * flops["base"] + nfe_c * flops.get("corrector", 0),
-             "n_samples": args.n_eval, "wall_s": time.time() - t0,
-             "metrics": {"fid": dict(common.mean_ci95(fids), per_seed=fids,
-                                     std=float(np.std(fids, ddof=1)) if len(fids) > 1 else None)}}
-    fid = point["metrics"]["fid"]
+    fid = dict(common.mean_ci95(fids), per_seed=fids, std=float(np.std(fids, ddof=1)) if len(fids) > 1 else None)
+    point = {"sampler": "corrected" if corrector is not None else "base", "N": N, "N_c": N_c, "nfe": N + N_c,
+             "flops_per_image": N * flops["base"] + N_c * flops.get("corrector", 0), "n_samples": args.n_eval,
+             "wall_s": time.time() - t0, "metrics": {"fid": fid}}
     sd = f" ± {fid['std']:.2f} (std over {len(fids)} seeds)" if len(fids) > 1 else ""
-    print(f"{point['sampler']:>9}  N {N:>4}  N_c {nfe_c:>4}  FLOPs/image {point['flops_per_image']:.3e}  "
+    print(f"{point['sampler']:>9}  N {N:>4}  N_c {N_c:>4}  FLOPs/image {point['flops_per_image']:.3e}  "
           f"FID {fid['mean']:.2f}{sd}  [{point['wall_s']:.0f} s]")
     return point, first
 
@@ -968,8 +893,7 @@ def main(argv=None):
         if args.train_corrector or not corrector_ready(args.corrector, args.corrector_steps):
             if not train_corrector(args, base, base_cfg, data, device) or args.train_corrector:
                 return None
-        corrector, inversion = load_corrector(args, file_digest(args.ref), device)
-        corrector = common.maybe_compile(corrector, args.compile)
+        corrector, inversion = load_corrector(args, device)
     t0 = time.time()
     curve, feat_name = fid_vs_flops(args, base, corrector, data, flops, N_match, shape, device)
     results = {"task": "noise_correction", "method": "base" if corrector is None else "inverse_noise_correction",

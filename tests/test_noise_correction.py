@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
+import inception
 import noise_correction as nc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -187,7 +188,8 @@ def test_inception_loader_takes_pytorch_fid_weights_with_fid_pooling(tmp_path):
     assert f.shape == (2, 2048) and torch.isfinite(f).all()
     # the pooling branch is pytorch-fid's: average pooling that does not count the zero padding
     from torchvision.models import inception as tvi
-    a = nc._fid_pool_block(tvi.InceptionA, lambda z: F.avg_pool2d(z, 3, 1, 1, count_include_pad=False))(192, 32).eval()
+    a = inception._fid_pool_block(tvi.InceptionA,
+                                  lambda z: F.avg_pool2d(z, 3, 1, 1, count_include_pad=False))(192, 32).eval()
     plain = tvi.InceptionA(192, 32).eval()
     plain.load_state_dict(a.state_dict())
     z = torch.rand(1, 192, 9, 9)
