@@ -94,7 +94,8 @@ def build_parser():
     a("--no_dedup", action="store_true", help="keep duplicate layouts (identical elements) before ranking")
     a("--rounds", type=int, help="GRAFT rounds (or DDPO epochs of M samples)")
     a("--sample_from", choices=["current", "reference"], default="current",
-      help="draw each round from the current fine-tuned model (tilts compound) or always from the reference")
+      help="GRAFT: draw each round from the current fine-tuned model (tilts compound) or always from the "
+      "reference (one tilt); DDPO always samples on-policy")
     a("--ft_steps", type=int, help="fine-tuning gradient steps per round")
     a("--ft_lr", type=float, default=1e-4, help="fine-tuning learning rate (Adam)")
     a("--reward", default="alignment", help="reward: alignment | overlap | alignment_overlap")
@@ -694,7 +695,8 @@ def finetune(args, ref, ref_cfg, abar, hist, device):
         t0 = time.time()
         torch.manual_seed(args.seed * 1_000_003 + rnd)  # per-round seeding: a resumed run repeats exactly
         n_elem = np.random.RandomState(args.seed * 1_000_003 + rnd).choice(len(hist), args.M, p=hist)
-        hi, lo, N_I = (ref, ref, args.N_I) if args.sample_from == "reference" else common.samplers(args, ref, ft)
+        on_ref = args.sample_from == "reference" and args.algo != "ddpo"  # DDPO stays on-policy
+        hi, lo, N_I = (ref, ref, args.N_I) if on_ref else common.samplers(args, ref, ft)
         res = sample(hi, lo, n_elem, abar, args.N, N_I, args.sample_batch, save_at=() if args.algo == "ddpo"
                      else (save_k,), keep_traj=args.algo == "ddpo", grid=args.grid, amp=args.amp,
                      desc=f"round {rnd + 1} sampling")

@@ -80,7 +80,8 @@ def build_parser():
     a("--no_dedup", action="store_true", help="keep duplicate SMILES (the paper de-duplicates for molecules)")
     a("--rounds", type=int, help="GRAFT rounds (or DDPO epochs of M samples)")
     a("--sample_from", choices=["current", "reference"], default="current",
-      help="draw each round from the current fine-tuned model (tilts compound) or always from the reference")
+      help="GRAFT: draw each round from the current fine-tuned model (tilts compound) or always from the "
+      "reference (one tilt); DDPO always samples on-policy")
     a("--ft_steps", type=int, help="fine-tuning gradient steps per round")
     a("--ft_lr", type=float, default=1e-4, help="fine-tuning learning rate (Adam)")
     a("--reward", default="stable", help="reward: stable | valid | atom_stable | qed")
@@ -592,7 +593,7 @@ def finetune(args, ref, ref_cfg, abar, hist, device):
         t0 = time.time()
         torch.manual_seed(args.seed * 1_000_003 + rnd)  # per-round seeding: a resumed run repeats exactly
         n_atoms = np.random.RandomState(args.seed * 1_000_003 + rnd).choice(len(hist), args.M, p=hist)
-        if args.sample_from == "reference":
+        if args.sample_from == "reference" and args.algo != "ddpo":  # DDPO stays on-policy
             hi, lo, N_I = ref, ref, args.N_I
         else:
             hi, lo, N_I = common.samplers(args, ref, ft)
