@@ -114,6 +114,59 @@ def size_bucketed_batches(n, batch_size, gen):
     return [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
 
 
+# -- the fine-tuning flags every DDPM script shares (same names and meaning everywhere) ------------------------
+
+def add_finetuning_args(a, unit):
+    """GRAFT / P-GRAFT / RP-GRAFT / DDPO and runtime flags (SPEC 2-4); `a` is parser.add_argument, `unit` names a
+    sample ("molecules", "layouts") in the help."""
+    a("--n_i", type=float, default=0.0, help="P-GRAFT switch: N_I = round(n_i N); 0 is plain GRAFT")
+    a("--rp", action="store_true", help="RP-GRAFT: reference above s, fine-tuned model below (ablation)")
+    a("--M", type=int, help=f"{unit} drawn per round")
+    a("--K", type=int, help=f"{unit} accepted per round (Top-K of M)")
+    a("--accept", choices=["top_k", "best_of_n", "threshold"], default="top_k", help="acceptance rule (SPEC 2)")
+    a("--tau", type=float, help="reward threshold for --accept threshold")
+    a("--no_dedup", action="store_true", help=f"keep duplicate {unit} before ranking (de-duplication is the default)")
+    a("--rounds", type=int, help="GRAFT rounds (or DDPO epochs of M samples)")
+    a("--sample_from", choices=["current", "reference"], default="current",
+      help="GRAFT: draw each round from the current fine-tuned model (tilts compound) or always from the "
+      "reference (one tilt); DDPO always samples on-policy")
+    a("--ft_steps", type=int, help="fine-tuning gradient steps per round")
+    a("--ft_lr", type=float, default=1e-4, help="fine-tuning learning rate (Adam)")
+    a("--ddpo_lr", type=float, default=1e-5, help="DDPO learning rate (full fine-tuning, lower than LoRA's 3e-4)")
+    a("--ddpo_batch", type=int, default=50, help="trajectories per DDPO gradient step")
+    a("--ddpo_steps_frac", type=float, default=0.1, help="fraction of sampler steps trained per trajectory")
+    a("--ddpo_clip", type=float, default=1e-4, help="PPO clip range (tiny, for per-dimension-averaged log-probs)")
+    a("--var_R", type=int, default=8, help="continuations per intermediate state for --measure_variance")
+    a("--var_P", type=int, default=64, help="intermediate states per n_i for --measure_variance")
+    a("--seed", type=int, default=0, help="seed: a CPU run is reproducible")
+    a("--device", default="cpu", help="cpu, cuda, cuda:1 or auto")
+    a("--amp", action="store_true", help="bf16 autocast (GPU)")
+    a("--compile", action="store_true", help="torch.compile the network")
+
+
+def check_finetuning_args(p, args, rewards, positive=()):
+    """One-line parser errors (exit 2) for bad values; adds the derived N_I and dedup."""
+    if not 0 <= args.n_i < 1:
+        p.error(f"--n_i must be in [0, 1), got {args.n_i}")
+    if args.rp and args.n_i == 0:
+        p.error("--rp needs --n_i > 0 (with n_i = 0 the reference would do every step)")
+    for k in ("M", "K", "N", "T", "rounds", "n_eval", "batch_size", "sample_batch", "var_R", "var_P", *positive):
+        if getattr(args, k) <= 0:
+            p.error(f"--{k} must be positive, got {getattr(args, k)}")
+    if min(args.ft_steps, args.train_steps) < 0:
+        p.error("--ft_steps and --train_steps must be >= 0")
+    if args.K > args.M or args.N > args.T:
+        p.error(f"need --K <= --M and --N <= --T, got K {args.K}, M {args.M}, N {args.N}, T {args.T}")
+    if args.reward not in rewards:
+        p.error(f"unknown --reward {args.reward!r}; choose from {', '.join(rewards)}")
+    if args.accept == "threshold" and args.tau is None:
+        p.error("--accept threshold needs --tau")
+    if not 0 < args.ddpo_steps_frac <= 1:
+        p.error("--ddpo_steps_frac must be in (0, 1]")
+    args.N_I = round(args.n_i * args.N)
+    args.dedup = not args.no_dedup
+
+
 # -- EMA -----------------------------------------------------------------------------------------------------
 
 @torch.no_grad()

@@ -85,26 +85,9 @@ def build_parser():
     a("--schedule", default="cosine", choices=["cosine", "linear", "polynomial_2"], help="noise schedule (linear "
       "leaves the boxes nearly pure noise for t > 0.75 T, wasting P-GRAFT's n_i range)")
     a("--N", type=int, help="sampler steps (an evenly spaced sub-grid of 0..T; NFE per sample = N + 1)")
-    # GRAFT / P-GRAFT
-    a("--n_i", type=float, default=0.0, help="P-GRAFT switch: N_I = round(n_i N); 0 is plain GRAFT")
-    a("--rp", action="store_true", help="RP-GRAFT: reference above s, fine-tuned model below (ablation)")
-    a("--M", type=int, help="samples drawn per round")
-    a("--K", type=int, help="samples accepted per round (Top-K of M)")
-    a("--accept", choices=["top_k", "best_of_n", "threshold"], default="top_k", help="acceptance rule (SPEC 2)")
-    a("--tau", type=float, help="reward threshold for --accept threshold (the rewards are <= 0)")
-    a("--no_dedup", action="store_true", help="keep duplicate layouts (identical elements) before ranking")
-    a("--rounds", type=int, help="GRAFT rounds (or DDPO epochs of M samples)")
-    a("--sample_from", choices=["current", "reference"], default="current",
-      help="GRAFT: draw each round from the current fine-tuned model (tilts compound) or always from the "
-      "reference (one tilt); DDPO always samples on-policy")
-    a("--ft_steps", type=int, help="fine-tuning gradient steps per round")
-    a("--ft_lr", type=float, default=1e-4, help="fine-tuning learning rate (Adam)")
+    # reward and fine-tuning: GRAFT / P-GRAFT / RP-GRAFT / DDPO (the same flags in every script, common.py)
     a("--reward", default="alignment", help="reward: alignment | overlap | alignment_overlap")
-    # DDPO (SPEC 4)
-    a("--ddpo_lr", type=float, default=1e-5, help="DDPO learning rate (full fine-tuning, lower than LoRA's 3e-4)")
-    a("--ddpo_batch", type=int, default=50, help="trajectories per DDPO gradient step")
-    a("--ddpo_steps_frac", type=float, default=0.1, help="fraction of sampler steps trained per trajectory")
-    a("--ddpo_clip", type=float, default=1e-4, help="PPO clip range (tiny, for per-dimension-averaged log-probs)")
+    common.add_finetuning_args(a, "layouts")
     # pre-training
     a("--batch_size", type=int, help="layouts per pre-training / fine-tuning step")
     a("--lr", type=float, help="pre-training learning rate (AdamW after a linear warm-up)")
@@ -114,13 +97,6 @@ def build_parser():
     a("--max_minutes", type=float, help="stop pre-training after this many minutes (resume later)")
     # evaluation
     a("--n_eval", type=int, help="samples for the evaluation of each model")
-    a("--var_R", type=int, default=8, help="continuations per intermediate state for --measure_variance")
-    a("--var_P", type=int, default=64, help="intermediate states per n_i for --measure_variance")
-    # runtime
-    a("--seed", type=int, default=0, help="seed: a CPU run is reproducible")
-    a("--device", default="cpu", help="cpu, cuda, cuda:1 or auto")
-    a("--amp", action="store_true", help="bf16 autocast (GPU)")
-    a("--compile", action="store_true", help="torch.compile the network")
     a("--sample_batch", type=int, default=200, help="layouts per sampler batch")
     return p
 
@@ -131,26 +107,11 @@ def parse_args(argv=None):
     for k, v in PRESETS[args.preset].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    if not 0 <= args.n_i < 1:
-        p.error(f"--n_i must be in [0, 1), got {args.n_i}")
-    if args.rp and args.n_i == 0:
-        p.error("--rp needs --n_i > 0 (with n_i = 0 the reference would do every step)")
-    for k in ("M", "K", "N", "rounds", "d_model", "n_layers", "n_heads", "n_eval", "batch_size", "T",
-              "sample_batch", "var_R", "var_P"):
-        if getattr(args, k) <= 0:
-            p.error(f"--{k} must be positive, got {getattr(args, k)}")
-    if min(args.ft_steps, args.train_steps, args.fid_steps, args.warmup) < 0:
-        p.error("--ft_steps, --train_steps, --fid_steps and --warmup must be >= 0")
+    common.check_finetuning_args(p, args, REWARDS, positive=("d_model", "n_layers", "n_heads"))
+    if min(args.fid_steps, args.warmup) < 0:
+        p.error("--fid_steps and --warmup must be >= 0")
     if args.d_model % args.n_heads:
         p.error(f"--d_model ({args.d_model}) must be a multiple of --n_heads ({args.n_heads})")
-    if args.K > args.M or args.N > args.T:
-        p.error(f"need --K <= --M and --N <= --T, got K {args.K}, M {args.M}, N {args.N}, T {args.T}")
-    if args.reward not in REWARDS:
-        p.error(f"unknown --reward {args.reward!r}; choose from {', '.join(REWARDS)}")
-    if args.accept == "threshold" and args.tau is None:
-        p.error("--accept threshold needs --tau")
-    if not 0 < args.ddpo_steps_frac <= 1:
-        p.error("--ddpo_steps_frac must be in (0, 1]")
     if args.data is not None and args.dataset != "publaynet":
         p.error("--data reads PubLayNet's COCO files; it needs --dataset publaynet")
     args.grid = (0 if args.data else 128) if args.grid is None else args.grid
@@ -159,8 +120,6 @@ def parse_args(argv=None):
     args.ref = args.ref or os.path.join(HERE, "checkpoints", f"layout_{args.dataset}_cpu.pt")
     tag = args.dataset + ("_full" if args.data else "")
     args.fid_net = args.fid_net or os.path.join(HERE, "checkpoints", f"layout_fidnet_{tag}.pt")
-    args.N_I = round(args.n_i * args.N)
-    args.dedup = not args.no_dedup
     return args
 
 

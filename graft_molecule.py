@@ -70,26 +70,9 @@ def build_parser():
     a("--T", type=int, default=1000, help="diffusion time steps of the training schedule")
     a("--schedule", default="polynomial_2", choices=["polynomial_2", "linear", "cosine"], help="noise schedule")
     a("--N", type=int, help="sampler steps (an evenly spaced sub-grid of 0..T; NFE per sample = N + 1)")
-    # GRAFT / P-GRAFT
-    a("--n_i", type=float, default=0.0, help="P-GRAFT switch: N_I = round(n_i N); 0 is plain GRAFT")
-    a("--rp", action="store_true", help="RP-GRAFT: reference above s, fine-tuned model below (ablation)")
-    a("--M", type=int, help="samples drawn per round")
-    a("--K", type=int, help="samples accepted per round (Top-K of M)")
-    a("--accept", choices=["top_k", "best_of_n", "threshold"], default="top_k", help="acceptance rule (SPEC 2)")
-    a("--tau", type=float, default=1.0, help="reward threshold for --accept threshold")
-    a("--no_dedup", action="store_true", help="keep duplicate SMILES (the paper de-duplicates for molecules)")
-    a("--rounds", type=int, help="GRAFT rounds (or DDPO epochs of M samples)")
-    a("--sample_from", choices=["current", "reference"], default="current",
-      help="GRAFT: draw each round from the current fine-tuned model (tilts compound) or always from the "
-      "reference (one tilt); DDPO always samples on-policy")
-    a("--ft_steps", type=int, help="fine-tuning gradient steps per round")
-    a("--ft_lr", type=float, default=1e-4, help="fine-tuning learning rate (Adam)")
+    # reward and fine-tuning: GRAFT / P-GRAFT / RP-GRAFT / DDPO (the same flags in every script, common.py)
     a("--reward", default="stable", help="reward: stable | valid | atom_stable | qed")
-    # DDPO (SPEC 4)
-    a("--ddpo_lr", type=float, default=1e-5, help="DDPO learning rate (full fine-tuning, lower than LoRA's 3e-4)")
-    a("--ddpo_batch", type=int, default=50, help="trajectories per DDPO gradient step")
-    a("--ddpo_steps_frac", type=float, default=0.1, help="fraction of sampler steps trained per trajectory")
-    a("--ddpo_clip", type=float, default=1e-4, help="PPO clip range (tiny, for per-dimension-averaged log-probs)")
+    common.add_finetuning_args(a, "molecules")
     # pre-training
     a("--batch_size", type=int, help="molecules per pre-training / fine-tuning step")
     a("--lr", type=float, help="pre-training learning rate")
@@ -98,13 +81,6 @@ def build_parser():
     a("--max_minutes", type=float, default=None, help="stop pre-training after this many minutes (resume later)")
     # evaluation
     a("--n_eval", type=int, help="samples for the evaluation of each model")
-    a("--var_R", type=int, default=8, help="continuations per intermediate state for --measure_variance")
-    a("--var_P", type=int, default=64, help="intermediate states per n_i for --measure_variance")
-    # runtime
-    a("--seed", type=int, default=0, help="seed: a CPU run is reproducible")
-    a("--device", default="cpu", help="cpu, cuda, cuda:1 or auto")
-    a("--amp", action="store_true", help="bf16 autocast (GPU)")
-    a("--compile", action="store_true", help="torch.compile the network")
     a("--sample_batch", type=int, default=250, help="molecules per sampler batch")
     return p
 
@@ -115,25 +91,7 @@ def parse_args(argv=None):
     for k, v in PRESETS[args.preset].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    if not 0 <= args.n_i < 1:
-        p.error(f"--n_i must be in [0, 1), got {args.n_i}")
-    if args.rp and args.n_i == 0:
-        p.error("--rp needs --n_i > 0 (with n_i = 0 the reference would do every step)")
-    for k in ("M", "K", "N", "rounds", "nf", "n_layers", "n_eval", "batch_size", "T", "sample_batch"):
-        if getattr(args, k) <= 0:
-            p.error(f"--{k} must be positive, got {getattr(args, k)}")
-    if args.ft_steps < 0 or args.train_steps < 0:
-        p.error("--ft_steps and --train_steps must be >= 0")
-    if args.K > args.M:
-        p.error(f"--K ({args.K}) cannot exceed --M ({args.M})")
-    if args.N > args.T:
-        p.error(f"--N ({args.N}) cannot exceed --T ({args.T})")
-    if args.reward not in REWARDS:
-        p.error(f"unknown --reward {args.reward!r}; choose from {', '.join(REWARDS)}")
-    if not 0 < args.ddpo_steps_frac <= 1:
-        p.error("--ddpo_steps_frac must be in (0, 1]")
-    args.N_I = round(args.n_i * args.N)
-    args.dedup = not args.no_dedup
+    common.check_finetuning_args(p, args, REWARDS, positive=("nf", "n_layers"))
     return args
 
 
