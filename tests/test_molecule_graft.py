@@ -116,3 +116,22 @@ def test_rp_and_ddpo_run_and_account_gradient_calls(tiny_ref, tmp_path):
                        "--ddpo_steps_frac", "0.5"))
     # DDPO trains round(0.5 * (N - 1)) = 2 of the N - 1 non-final steps of each of the M = 12 trajectories
     assert dd["method"] == "ddpo" and dd["compute"]["grad_calls"] == 12 * 2
+
+
+def test_pretrain_resumes_and_refuses_other_sizes(tmp_path):
+    """--pretrain is resumable: a second call continues at the saved step with the saved optimizer; a different
+    architecture in the same --out is refused with one line."""
+    size = ["--nf", "8", "--n_layers", "1", "--batch_size", "4", "--out", str(tmp_path)]
+    gm.main(["--pretrain", "--train_steps", "3", *size])
+    first = common.load_checkpoint(os.path.join(tmp_path, "ref.pt"))
+    assert first["extra"]["step"] == 3 and first["config"]["model"]["nf"] == 8
+    gm.main(["--pretrain", "--train_steps", "5", *size])
+    second = common.load_checkpoint(os.path.join(tmp_path, "ref.pt"))
+    assert second["extra"]["step"] == 5 and second["extra"]["wall_s"] >= first["extra"]["wall_s"]
+    assert second["state_dicts"]["opt"]["state"][0]["step"] == 5          # Adam's state carried over, not reset
+    assert not torch.equal(first["state_dicts"]["ema"]["egnn.embedding.weight"],
+                           second["state_dicts"]["ema"]["egnn.embedding.weight"])
+    with pytest.raises(SystemExit, match="was trained with"):
+        gm.main(["--pretrain", "--train_steps", "6", *size[:1], "16", *size[2:]])
+    model, cfg = gm.load_reference(os.path.join(tmp_path, "ref.pt"), torch.device("cpu"), {})
+    assert cfg["nf"] == 8 and isinstance(model, torch.nn.Module)
