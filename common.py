@@ -11,10 +11,12 @@ import math
 import os
 import random
 import tempfile
+import time
 import warnings
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 
 # -- noise schedules: abar[t] for t = 0..T (abar[0] ~ 1 is data, abar[T] ~ 0 is noise) ---------------------
@@ -165,6 +167,66 @@ def check_finetuning_args(p, args, rewards, positive=()):
         p.error("--ddpo_steps_frac must be in (0, 1]")
     args.N_I = round(args.n_i * args.N)
     args.dedup = not args.no_dedup
+
+
+# -- the resumable training loop every script's pre-training shares ---------------------------------------------
+
+def train_resumable(path, config, model, ema, opt, batches, loss_fn, total_steps, args, device, desc, refuse,
+                    lr_at=None):
+    """Adam-family steps on loss_fn(net, batch, gen), grad clip 1, EMA weights for sampling; resumes model, EMA,
+    optimizer, step and wall time from `path` (refuse(saved_config) returns an error line for a run that does not
+    fit); saves atomically every 5 minutes, at the end, and when --max_minutes runs out. batches(step, gen)
+    yields batches from `step` on; gen is seeded by --seed and the step, so a resumed run reshuffles from where it
+    stands. Returns the step reached."""
+    step, wall = 0, 0.0
+    ema.load_state_dict(model.state_dict())
+    if os.path.exists(path):
+        ckpt = load_checkpoint(path)
+        if refuse(ckpt["config"]):
+            raise SystemExit(refuse(ckpt["config"]))
+        for k, m in (("model", model), ("ema", ema), ("opt", opt)):
+            m.load_state_dict(ckpt["state_dicts"][k])
+        step, wall = ckpt["extra"]["step"], ckpt["extra"]["wall_s"]
+        print(f"resuming {desc} at step {step} ({wall / 3600:.2f} h so far)")
+    net = maybe_compile(model, args.compile)
+    gen = torch.Generator().manual_seed(args.seed + step)
+    t_start, wall0, last_save, losses = time.time(), wall, time.time(), []
+
+    def save():
+        save_checkpoint(path, {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict()}, config,
+                        {"step": step, "wall_s": wall, "finished": step >= total_steps,
+                         "loss_last_100": float(np.mean(losses[-100:])) if losses else None,
+                         "hardware": f"{device.type}, {torch.get_num_threads()} threads"})
+
+    bar = tqdm(total=total_steps, initial=step, desc=desc)
+    for batch in ([] if step >= total_steps else batches(step, gen)):
+        if lr_at is not None:
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step)
+        with autocast(device, args.amp):
+            loss = loss_fn(net, batch, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        ema_update(ema, model, args.ema_decay)
+        step += 1
+        losses.append(loss.item())
+        bar.update(1)
+        if step % 100 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-100:]):.4f}")
+        now = time.time()
+        wall = wall0 + now - t_start
+        done = step >= total_steps or (args.max_minutes is not None and now - t_start > 60 * args.max_minutes)
+        if done or now - last_save > 300:
+            save()
+            last_save = now
+        if done:
+            break
+    if not losses and not os.path.exists(path):
+        save()
+    bar.close()
+    return step
 
 
 # -- EMA -----------------------------------------------------------------------------------------------------

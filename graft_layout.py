@@ -514,59 +514,30 @@ REWARDS = {"alignment": reward_alignment, "overlap": reward_overlap, "alignment_
 # -- pre-training the reference model (resumable) ---------------------------------------------------------------
 
 def pretrain(args, device):
-    """eps loss at uniform t, AdamW after a linear warm-up, EMA weights for sampling. Resumes from <out>/ref.pt;
-    saves atomically every five minutes and at the end."""
+    """eps loss at uniform t, AdamW after a linear warm-up, EMA weights for sampling; resumable from <out>/ref.pt
+    (common.train_resumable)."""
     data, cfg, path = load_data(args.dataset, args.data)["train"], model_config(args), os.path.join(args.out, "ref.pt")
     model, ema = build_model(cfg).to(device), build_model(cfg).to(device)
-    ema.load_state_dict(model.state_dict())
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    step, wall = 0, 0.0
-    if os.path.exists(path):
-        ckpt = common.load_checkpoint(path)
-        if ckpt["config"].get("model") != cfg:
-            raise SystemExit(f"graft_layout: {path} was trained with {ckpt['config'].get('model')}, not {cfg}; "
-                             f"use another --out or the same size flags")
-        model.load_state_dict(ckpt["state_dicts"]["model"]), ema.load_state_dict(ckpt["state_dicts"]["ema"])
-        opt.load_state_dict(ckpt["state_dicts"]["opt"])
-        step, wall = ckpt["extra"]["step"], ckpt["extra"]["wall_s"]
-        print(f"resuming pre-training at step {step} ({wall / 3600:.2f} h so far)")
+    abar = make_abar(cfg).to(device)
     print(f"pre-training {sum(p.numel() for p in model.parameters()):,} parameters on {len(data['n']):,} "
           f"{args.dataset} layouts, batch {args.batch_size}, lr {args.lr}, to step {args.train_steps}")
-    abar, net = make_abar(cfg).to(device), common.maybe_compile(model, args.compile)
-    gen = torch.Generator().manual_seed(args.seed + step)  # a resumed run reshuffles from where it stands
-    t_start, wall0, last_save, losses = time.time(), wall, time.time(), []
-    bar = tqdm(total=args.train_steps, initial=step, desc="pre-training")
-    done = step >= args.train_steps
-    while not done:
-        for idx in common.size_bucketed_batches(data["n"], args.batch_size, gen):
-            z, mask = to_features(data["boxes"][idx], data["labels"][idx], cfg["n_classes"])
-            for g in opt.param_groups:
-                g["lr"] = args.lr * min(1.0, (step + 1) / max(args.warmup, 1))
-            with common.autocast(device, args.amp):
-                loss = common.shaped_loss(net, z.to(device), mask.to(device), abar, 1, cfg["T"])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            common.ema_update(ema, model, args.ema_decay)
-            step += 1
-            losses.append(loss.item())
-            bar.update(1)
-            if step % 100 == 0:
-                bar.set_postfix(loss=f"{np.mean(losses[-100:]):.4f}")
-            now = time.time()
-            wall = wall0 + now - t_start
-            done = step >= args.train_steps or (args.max_minutes is not None and now - t_start > 60 * args.max_minutes)
-            if done or now - last_save > 300:
-                common.save_checkpoint(path, {"model": model.state_dict(), "ema": ema.state_dict(),
-                                              "opt": opt.state_dict()}, {"model": cfg, "command": " ".join(sys.argv)},
-                                       {"step": step, "wall_s": wall, "loss_last_100": float(np.mean(losses[-100:])),
-                                        "hardware": f"{device.type}, {torch.get_num_threads()} threads"})
-                last_save = now
-            if done:
-                break
-    bar.close()
-    print(f"saved {path} at step {step}" + (f", loss of the last 100 steps {np.mean(losses[-100:]):.4f}" if losses else ""))
+
+    def batches(step, gen):
+        while True:
+            for idx in common.size_bucketed_batches(data["n"], args.batch_size, gen):
+                z, mask = to_features(data["boxes"][idx], data["labels"][idx], cfg["n_classes"])
+                yield z.to(device), mask.to(device)
+
+    def loss_fn(net, batch, gen):
+        return common.shaped_loss(net, *batch, abar, 1, cfg["T"])
+
+    refuse = lambda saved: None if saved.get("model") == cfg else (
+        f"graft_layout: {path} was trained with {saved.get('model')}, not {cfg}; use another --out or the same size flags")
+    step = common.train_resumable(path, {"model": cfg, "command": " ".join(sys.argv)}, model, ema, opt, batches,
+                                  loss_fn, args.train_steps, args, device, "pre-training", refuse,
+                                  lr_at=lambda step: args.lr * min(1.0, (step + 1) / max(args.warmup, 1)))
+    print(f"saved {path} at step {step}")
 
 
 # -- fine-tuning: GRAFT / P-GRAFT / RP-GRAFT (paper Alg. 1-2) and DDPO (SPEC 4) ---------------------------------

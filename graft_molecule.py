@@ -395,63 +395,28 @@ REWARDS = {"stable": reward_stable, "atom_stable": reward_atom_stable, "valid": 
 # -- pre-training the reference model (resumable) ---------------------------------------------------------------
 
 def pretrain(args, device):
-    """EDM's training: uniform t, eps loss on positions and features jointly, Adam, EMA weights for sampling.
-    Resumes from <out>/ref.pt; saves atomically every few minutes and at the end."""
-    data = load_qm9(args.data_dir)["train"]
-    cfg = model_config(args)
-    path = os.path.join(args.out, "ref.pt")
-    model = build_model(cfg).to(device)
-    ema = build_model(cfg).to(device)
-    ema.load_state_dict(model.state_dict())
+    """EDM's training: uniform t, eps loss on positions and features jointly, AdamW (amsgrad), EMA weights for
+    sampling; resumable from <out>/ref.pt (common.train_resumable)."""
+    data, cfg, path = load_qm9(args.data_dir)["train"], model_config(args), os.path.join(args.out, "ref.pt")
+    model, ema = build_model(cfg).to(device), build_model(cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, amsgrad=True, weight_decay=1e-12)
-    step, wall = 0, 0.0
-    if os.path.exists(path):
-        ckpt = common.load_checkpoint(path)
-        if ckpt["config"]["model"] != cfg:
-            raise SystemExit(f"graft_molecule: {path} was trained with {ckpt['config']['model']}, not {cfg}; "
-                             f"use another --out or the same size flags")
-        model.load_state_dict(ckpt["state_dicts"]["model"]), ema.load_state_dict(ckpt["state_dicts"]["ema"])
-        opt.load_state_dict(ckpt["state_dicts"]["opt"])
-        step, wall = ckpt["extra"]["step"], ckpt["extra"]["wall_s"]
-        print(f"resuming pre-training at step {step} ({wall / 3600:.2f} h so far)")
+    abar = make_abar(cfg).to(device)
     print(f"pre-training {sum(p.numel() for p in model.parameters()):,} parameters, batch {args.batch_size}, "
           f"lr {args.lr}, to step {args.train_steps}")
-    abar = make_abar(cfg).to(device)
-    net = common.maybe_compile(model, args.compile)
-    gen = torch.Generator().manual_seed(args.seed + step)  # a resumed run reshuffles from where it stands
 
-    def save():
-        common.save_checkpoint(path, {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict()},
-                               {"model": cfg, "command": " ".join(sys.argv)},
-                               {"step": step, "wall_s": wall, "hardware": f"{device.type}, {torch.get_num_threads()} threads"})
+    def batches(step, gen):
+        while True:
+            for idx in common.size_bucketed_batches(data["n"], args.batch_size, gen):
+                z, mask = to_features(data["pos"][idx], data["types"][idx], cfg["include_charges"])
+                yield z.to(device), mask.to(device)
 
-    t_start, wall0, last_save, losses = time.time(), wall, time.time(), []
-    bar = tqdm(total=args.train_steps, initial=step, desc="pre-training")
-    done = step >= args.train_steps
-    while not done:
-        for idx in common.size_bucketed_batches(data["n"], args.batch_size, gen):
-            z, mask = to_features(data["pos"][idx], data["types"][idx], cfg["include_charges"])
-            with common.autocast(device, args.amp):
-                loss = common.shaped_loss(net, z.to(device), mask.to(device), abar, 1, cfg["T"], noise=sample_noise)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            common.ema_update(ema, model, args.ema_decay)
-            step += 1
-            losses.append(loss.item())
-            bar.update(1)
-            if step % 100 == 0:
-                bar.set_postfix(loss=f"{np.mean(losses[-100:]):.4f}")
-            now = time.time()
-            wall = wall0 + now - t_start
-            done = step >= args.train_steps or (args.max_minutes is not None and now - t_start > 60 * args.max_minutes)
-            if done or now - last_save > 300:
-                save()
-                last_save = now
-            if done:
-                break
-    bar.close()
+    def loss_fn(net, batch, gen):
+        return common.shaped_loss(net, *batch, abar, 1, cfg["T"], noise=sample_noise)
+
+    refuse = lambda saved: None if saved.get("model") == cfg else (
+        f"graft_molecule: {path} was trained with {saved.get('model')}, not {cfg}; use another --out or the same size flags")
+    step = common.train_resumable(path, {"model": cfg, "command": " ".join(sys.argv)}, model, ema, opt, batches,
+                                  loss_fn, args.train_steps, args, device, "pre-training", refuse)
     print(f"saved {path} at step {step}")
 
 

@@ -523,54 +523,13 @@ def flops_per_forward(net, in_ch, size, device):
 # -- pre-training the base flow (resumable) ---------------------------------------------------------------------
 
 def train_flow(net, ema, path, cfg_json, draw, total_steps, args, device, what, desc):
-    """Adam on the rectified-flow loss with an EMA copy for sampling, resumed from <path>; saves <path> atomically
-    every 5 minutes, at the end and when --max_minutes runs out. `draw(step)` yields x_1 batches from `step` on."""
-    ema.load_state_dict(net.state_dict())
+    """Adam on the rectified-flow loss with an EMA copy for sampling, resumable from <path> (common.train_resumable).
+    `draw(step)` yields x_1 batches from `step` on."""
     opt = torch.optim.Adam(net.parameters(), lr=args.lr)
-    step, wall = 0, 0.0
-    if os.path.exists(path):
-        ckpt = common.load_checkpoint(path)
-        if ckpt["config"].get("model") != cfg_json["model"] or ckpt["config"].get("base") != cfg_json.get("base"):
-            raise SystemExit(f"noise_correction: {path} holds a {what} with other settings; use another --out or "
-                             f"--corrector, or the same flags")
-        for k, m in (("model", net), ("ema", ema), ("opt", opt)):
-            m.load_state_dict(ckpt["state_dicts"][k])
-        step, wall = ckpt["extra"]["step"], ckpt["extra"]["wall_s"]
-        print(f"resuming the {what} at step {step} ({wall / 3600:.2f} h so far)")
-    net = common.maybe_compile(net, args.compile)
-
-    def save():
-        common.save_checkpoint(path, {"model": net.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict()},
-                               cfg_json, {"step": step, "wall_s": wall, "finished": step >= total_steps,
-                                          "hardware": f"{device.type}, {torch.get_num_threads()} threads"})
-    gen = torch.Generator().manual_seed(args.seed + step)
-    t_start, wall0, last_save, losses = time.time(), wall, time.time(), []
-    bar = tqdm(total=total_steps, initial=step, desc=desc)
-    for x1 in ([] if step >= total_steps else draw(step)):
-        with common.autocast(device, args.amp):
-            loss = rf_loss(net, x1.to(device), gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        opt.step()
-        common.ema_update(ema, net, args.ema_decay)
-        step += 1
-        losses.append(loss.item())
-        bar.update(1)
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{np.mean(losses[-200:]):.4f}")
-        now = time.time()
-        wall = wall0 + now - t_start
-        done = step >= total_steps or (args.max_minutes is not None and now - t_start > 60 * args.max_minutes)
-        if done or now - last_save > 300:
-            save()
-            last_save = now
-        if done:
-            break
-    if not losses and not os.path.exists(path):
-        save()
-    bar.close()
-    return step
+    refuse = lambda saved: None if (saved.get("model") == cfg_json["model"] and saved.get("base") == cfg_json.get("base")) \
+        else f"noise_correction: {path} holds a {what} with other settings; use another --out or --corrector, or the same flags"
+    return common.train_resumable(path, cfg_json, net, ema, opt, lambda step, gen: (x.to(device) for x in draw(step)),
+                                  lambda net, x1, gen: rf_loss(net, x1, gen), total_steps, args, device, desc, refuse)
 
 
 def pretrain(args, device):
