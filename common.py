@@ -84,6 +84,59 @@ def gaussian_logp(z, mean, std, mask):
     return lp.sum((1, 2)) / (mask.sum(1) * z.shape[-1])
 
 
+def train_on_accepted(ft, opt, x_acc, n_acc, abar, t_lo, t_hi, abar_s, steps, batch, amp, noise=gaussian_noise):
+    """GRAFT / P-GRAFT training on one round's accepted states x_acc (K, n_max, D) with n_acc (K,) real elements:
+    shaped_loss for t in [t_lo, t_hi]; one gradient call = one (x_t, t) pair. Returns the gradient calls."""
+    dev = next(ft.parameters()).device
+    mask_all = torch.arange(x_acc.shape[1])[None] < torch.as_tensor(n_acc)[:, None]   # (K, n_max)
+    ft.train()
+    for _ in tqdm(range(steps), desc="fine-tuning", leave=False):
+        idx = torch.randint(len(x_acc), (batch,))
+        n = int(n_acc[idx.numpy()].max())
+        with autocast(dev, amp):
+            loss = shaped_loss(ft, x_acc[idx, :n].to(dev), mask_all[idx, :n].to(dev), abar, t_lo, t_hi, abar_s,
+                               noise=noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(ft.parameters(), 1.0)
+        opt.step()
+    ft.eval()
+    return steps * batch
+
+
+def ddpo_update(ft, opt, res, rewards, n_elem, abar, N, args, step_mean_std):
+    """One inner epoch of PPO on sampled trajectories (SPEC 4): advantages standardised over the batch (one
+    'prompt'), clipped to +-5; clipped surrogate on the per-dimension-averaged log-probs; grad clip 1.
+    res["traj"] (M, N+1, n_max, D) and res["logp"] (M, N) come from the script's sampler, whose Gaussian step is
+    step_mean_std(eps, z_t, abar, t, s) -> (mean, std). Returns the gradient calls."""
+    dev, T, tau = next(ft.parameters()).device, len(abar) - 1, time_grid(len(abar) - 1, N)
+    adv = ((rewards - rewards.mean()) / (rewards.std() + 1e-8)).clamp(-5, 5)
+    mask_all = torch.arange(res["traj"].shape[2])[None] < torch.as_tensor(n_elem)[:, None]
+    # the last step (tau_1 -> 0) has a (near-)zero std, so its log-prob ratio is numerically explosive: skip it
+    trainable = torch.arange(N - 1)
+    n_steps, grad_calls, perm = max(1, round(args.ddpo_steps_frac * len(trainable))), 0, torch.randperm(len(rewards))
+    ft.train()
+    for b in tqdm(range(0, len(perm), args.ddpo_batch), desc="DDPO", leave=False):
+        idx = perm[b:b + args.ddpo_batch]
+        n = int(n_elem[idx.numpy()].max())
+        mask, a = mask_all[idx, :n].to(dev), adv[idx].to(dev)
+        opt.zero_grad(set_to_none=True)
+        for j in trainable[torch.randperm(len(trainable))[:n_steps]].tolist():
+            k = N - j                                               # the step from tau_k to tau_{k-1}
+            z_t, z_s = res["traj"][idx, j, :n].to(dev), res["traj"][idx, j + 1, :n].to(dev)
+            with autocast(dev, args.amp):
+                eps = ft(z_t, torch.full((len(idx),), float(tau[k]) / T, device=dev), mask).float()
+            mean, std = step_mean_std(eps, z_t, abar.to(dev), tau[k], tau[k - 1])
+            ratio = torch.exp(gaussian_logp(z_s, mean, std, mask) - res["logp"][idx, j].to(dev))
+            loss = torch.maximum(-a * ratio, -a * ratio.clamp(1 - args.ddpo_clip, 1 + args.ddpo_clip)).mean()
+            (loss / n_steps).backward()
+            grad_calls += len(idx)
+        torch.nn.utils.clip_grad_norm_(ft.parameters(), 1.0)
+        opt.step()
+    ft.eval()
+    return grad_calls
+
+
 def method_name(args):
     return "ddpo" if args.algo == "ddpo" else "rpgraft" if args.rp else "pgraft" if args.N_I > 0 else "graft"
 
@@ -140,10 +193,23 @@ def add_finetuning_args(a, unit):
     a("--ddpo_clip", type=float, default=1e-4, help="PPO clip range (tiny, for per-dimension-averaged log-probs)")
     a("--var_R", type=int, default=8, help="continuations per intermediate state for --measure_variance")
     a("--var_P", type=int, default=64, help="intermediate states per n_i for --measure_variance")
+    add_runtime_args(a)
+
+
+def add_runtime_args(a, amp_help="bf16 autocast (GPU)"):
     a("--seed", type=int, default=0, help="seed: a CPU run is reproducible")
     a("--device", default="cpu", help="cpu, cuda, cuda:1 or auto")
-    a("--amp", action="store_true", help="bf16 autocast (GPU)")
+    a("--amp", action="store_true", help=amp_help)
     a("--compile", action="store_true", help="torch.compile the network")
+
+
+def parse_with_presets(p, argv, presets):
+    """argparse, then every flag left unset (None) takes the chosen --preset's value."""
+    args = p.parse_args(argv)
+    for k, v in presets[args.preset].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    return args
 
 
 def check_finetuning_args(p, args, rewards, positive=()):

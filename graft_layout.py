@@ -103,10 +103,7 @@ def build_parser():
 
 def parse_args(argv=None):
     p = build_parser()
-    args = p.parse_args(argv)
-    for k, v in PRESETS[args.preset].items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
+    args = common.parse_with_presets(p, argv, PRESETS)
     common.check_finetuning_args(p, args, REWARDS, positive=("d_model", "n_layers", "n_heads"))
     if min(args.fid_steps, args.warmup) < 0:
         p.error("--fid_steps and --warmup must be >= 0")
@@ -542,54 +539,6 @@ def pretrain(args, device):
 
 # -- fine-tuning: GRAFT / P-GRAFT / RP-GRAFT (paper Alg. 1-2) and DDPO (SPEC 4) ---------------------------------
 
-def train_on_accepted(ft, opt, x_acc, n_acc, abar, t_lo, t_hi, abar_s, steps, batch, amp):
-    """Fine-tune on the accepted states with SPEC 3's loss; one gradient call = one (x_t, t) pair."""
-    dev = next(ft.parameters()).device
-    mask_all = torch.arange(MAX_N)[None] < torch.as_tensor(n_acc)[:, None]       # (K, 25)
-    ft.train()
-    for _ in tqdm(range(steps), desc="fine-tuning", leave=False):
-        idx = torch.randint(len(x_acc), (batch,))
-        n = int(n_acc[idx.numpy()].max())
-        with common.autocast(dev, amp):
-            loss = common.shaped_loss(ft, x_acc[idx, :n].to(dev), mask_all[idx, :n].to(dev), abar, t_lo, t_hi, abar_s)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(ft.parameters(), 1.0)
-        opt.step()
-    ft.eval()
-    return steps * batch
-
-
-def ddpo_update(ft, opt, res, rewards, n_elem, abar, N, args):
-    """One inner epoch of PPO on the sampled trajectories (SPEC 4): advantages standardised over the batch
-    (one 'prompt'), clipped to +-5; clipped surrogate on the per-dimension-averaged log-probs; grad clip 1."""
-    dev, T, tau = next(ft.parameters()).device, len(abar) - 1, common.time_grid(len(abar) - 1, N)
-    adv = ((rewards - rewards.mean()) / (rewards.std() + 1e-8)).clamp(-5, 5)
-    mask_all = torch.arange(MAX_N)[None] < torch.as_tensor(n_elem)[:, None]
-    trainable = torch.arange(N - 1)  # the last step (tau_1 -> 0) has std 0: no log-prob, skip it
-    n_steps, grad_calls, perm = max(1, round(args.ddpo_steps_frac * len(trainable))), 0, torch.randperm(len(rewards))
-    ft.train()
-    for b in tqdm(range(0, len(perm), args.ddpo_batch), desc="DDPO", leave=False):
-        idx = perm[b:b + args.ddpo_batch]
-        n = int(n_elem[idx.numpy()].max())
-        mask, a = mask_all[idx, :n].to(dev), adv[idx].to(dev)
-        opt.zero_grad(set_to_none=True)
-        for j in trainable[torch.randperm(len(trainable))[:n_steps]].tolist():
-            k = N - j                                               # the step from tau_k to tau_{k-1}
-            z_t, z_s = res["traj"][idx, j, :n].to(dev), res["traj"][idx, j + 1, :n].to(dev)
-            with common.autocast(dev, args.amp):
-                eps = ft(z_t, torch.full((len(idx),), float(tau[k]) / T, device=dev), mask).float()
-            mean, std = step_mean_std(eps, z_t, abar.to(dev), tau[k], tau[k - 1])
-            ratio = torch.exp(common.gaussian_logp(z_s, mean, std, mask) - res["logp"][idx, j].to(dev))
-            loss = torch.maximum(-a * ratio, -a * ratio.clamp(1 - args.ddpo_clip, 1 + args.ddpo_clip)).mean()
-            (loss / n_steps).backward()
-            grad_calls += len(idx)
-        torch.nn.utils.clip_grad_norm_(ft.parameters(), 1.0)
-        opt.step()
-    ft.eval()
-    return grad_calls
-
-
 def score(res, reward_fn):
     """Rewards of sampled layouts; a reward that is NaN or of the wrong shape stops the run."""
     r = torch.as_tensor(reward_fn(res["boxes"], res["labels"]), dtype=torch.float32)
@@ -633,13 +582,13 @@ def finetune(args, ref, ref_cfg, abar, hist, device):
                      desc=f"round {rnd + 1} sampling")
         r, keys = score(res, REWARDS[args.reward]), layout_keys(res["boxes"], res["labels"])
         if args.algo == "ddpo":
-            grad, acc = ddpo_update(ft, opt, res, r, n_elem, abar, args.N, args), torch.arange(args.M)
+            grad, acc = common.ddpo_update(ft, opt, res, r, n_elem, abar, args.N, args, step_mean_std), torch.arange(args.M)
         else:
             acc = common.accept(r, args.accept, K=args.K, tau=args.tau, keys=keys if args.dedup else None)
             if len(acc) == 0:
                 raise SystemExit(f"graft_layout: round {rnd + 1} accepted no sample; lower --tau or raise --M")
-            grad = train_on_accepted(ft, opt, res["x_s"][save_k][acc], n_elem[acc.numpy()], abar, t_lo, t_hi,
-                                     abar_s, args.ft_steps, args.batch_size, args.amp)
+            grad = common.train_on_accepted(ft, opt, res["x_s"][save_k][acc], n_elem[acc.numpy()], abar, t_lo, t_hi,
+                                            abar_s, args.ft_steps, args.batch_size, args.amp)
         wall = time.time() - t0
         compute = {"samples": compute["samples"] + args.M, "nfe_sampling": compute["nfe_sampling"] + args.M * (args.N + 1),
                    "grad_calls": compute["grad_calls"] + grad, "wall_s": compute["wall_s"] + wall}

@@ -110,10 +110,7 @@ def build_parser():
     a("--classifier_epochs", type=float, default=2.0, help="epochs when the feature network must be trained")
     a("--n_ref", type=int, default=50_000, help="at most this many real images for the FID reference statistics")
     # runtime
-    a("--seed", type=int, default=0, help="seed: a CPU run is reproducible")
-    a("--device", default="cpu", help="cpu, cuda, cuda:1 or auto")
-    a("--amp", action="store_true", help="bf16 autocast for training and sampling (GPU); inversion stays float32")
-    a("--compile", action="store_true", help="torch.compile the networks")
+    common.add_runtime_args(a, amp_help="bf16 autocast for training and sampling (GPU); inversion stays float32")
     a("--sample_batch", type=int, help="images per sampler / inversion batch")
     return p
 
@@ -130,10 +127,7 @@ def _ints(p, name, text):
 
 def parse_args(argv=None):
     p = build_parser()
-    args = p.parse_args(argv)
-    for k, v in PRESETS[args.preset].items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
+    args = common.parse_with_presets(p, argv, PRESETS)
     if sum([args.pretrain, args.train_corrector, args.eval_only]) > 1:
         p.error("choose at most one of --pretrain, --train_corrector, --eval_only")
     for k in ("ch", "n_res", "N", "N_c", "n_b", "n_invert", "batch_size", "fid_seeds", "sample_batch", "n_ref",

@@ -52,7 +52,7 @@ def _final_state(out):
 def test_resume_after_interrupted_round_matches_uninterrupted_run(tiny_ref, tmp_path, monkeypatch):
     straight = gm.main(_argv(tiny_ref, tmp_path / "a", "--rounds", "3"))
 
-    real_train, calls = gm.train_on_accepted, []
+    real_train, calls = common.train_on_accepted, []
 
     def crash_in_round_2(*a, **k):
         calls.append(1)
@@ -60,11 +60,11 @@ def test_resume_after_interrupted_round_matches_uninterrupted_run(tiny_ref, tmp_
             raise KeyboardInterrupt  # the user hits Ctrl-C in the middle of round 2
         return real_train(*a, **k)
 
-    monkeypatch.setattr(gm, "train_on_accepted", crash_in_round_2)
+    monkeypatch.setattr(common, "train_on_accepted", crash_in_round_2)
     with pytest.raises(KeyboardInterrupt):
         gm.main(_argv(tiny_ref, tmp_path / "b", "--rounds", "3"))
     assert len(_final_state(tmp_path / "b")["extra"]["rounds"]) == 1     # round 1 survived the crash
-    monkeypatch.setattr(gm, "train_on_accepted", real_train)
+    monkeypatch.setattr(common, "train_on_accepted", real_train)
     resumed = gm.main(_argv(tiny_ref, tmp_path / "b", "--rounds", "3"))
 
     a, b = _final_state(tmp_path / "a"), _final_state(tmp_path / "b")
