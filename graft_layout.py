@@ -600,9 +600,7 @@ def finetune(args, ref, ref_cfg, abar, hist, device):
                        **compute})
         common.save_checkpoint(state_path, {"model": ft.state_dict(), "opt": opt.state_dict()},
                                {"resume_key": key, "model": ref_cfg}, {"rounds": rounds, "compute": compute})
-        with open(os.path.join(args.out, "metrics.jsonl.tmp"), "w") as f:
-            f.writelines(json.dumps(x) + "\n" for x in rounds)
-        os.replace(os.path.join(args.out, "metrics.jsonl.tmp"), os.path.join(args.out, "metrics.jsonl"))
+        common.write_jsonl(os.path.join(args.out, "metrics.jsonl"), rounds)
         print(f"round {rnd + 1}/{args.rounds}: mean reward {r.mean():.4f}, accepted {len(acc)}/{args.M}, alignment "
               f"x100 {rounds[-1]['alignment_x100']:.3f}, overlap {rounds[-1]['overlap']:.4f}, {args.M / wall:.1f} samples/s")
     return ft, rounds, compute

@@ -511,10 +511,7 @@ def evaluate_sampler(hi, lo, N_I, args, abar, hist, train_smiles, desc):
 def reference_eval(args, ref, abar, hist, train_smiles):
     """The reference model's evaluation, cached by (checkpoint bytes, sampler, n_eval, seed, reward): every run of
     a sweep compares against the same numbers without paying for them again."""
-    import hashlib
-    with open(common.resolve_ref(args.ref), "rb") as f:
-        digest = hashlib.sha1(f.read()).hexdigest()[:12]
-    tag = f"{digest}_N{args.N}_n{args.n_eval}_s{args.seed}_{args.reward}"
+    tag = f"{common.sha1_file(common.resolve_ref(args.ref))}_N{args.N}_n{args.n_eval}_s{args.seed}_{args.reward}"
     cache = os.path.join(args.data_dir, "reference_evals", tag)
     if os.path.exists(cache + ".json"):
         with open(cache + ".json") as f:
@@ -543,9 +540,7 @@ def save_grid(samples, path, n=24):
 
 
 def plot_rounds(out, rounds, reference):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = common.pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.5))
     x = [0] + [r["round"] for r in rounds]
     ax.plot(x, [reference["metrics"]["mol_stable"]["mean"]] + [r["mol_stable"] for r in rounds], "o-",
@@ -574,9 +569,7 @@ def measure_variance(args, ref, abar, hist):
         print(f"n_i {N_I / args.N:.2f}: E[Var(r|x_t)] = {within.mean():.4f} (total Var(r) {r.var():.4f})")
     common.write_json(os.path.join(args.out, "variance.json"), {"reward": args.reward, "P": args.var_P,
                                                                   "R": args.var_R, "N": args.N, "curve": curve})
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = common.pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.5))
     m = [c["cond_var"]["mean"] for c in curve]
     lo = [c["cond_var"]["mean"] - c["cond_var"]["ci95"][0] for c in curve]
