@@ -181,6 +181,9 @@ def add_finetuning_args(a, unit):
     a("--accept", choices=["top_k", "best_of_n", "threshold"], default="top_k", help="acceptance rule (SPEC 2)")
     a("--tau", type=float, help="reward threshold for --accept threshold")
     a("--no_dedup", action="store_true", help=f"keep duplicate {unit} before ranking (de-duplication is the default)")
+    a("--stratify", action="store_true", help=f"Top-K within each size (the element / atom count the sampler is "
+      f"given), K split in proportion: the accepted {unit} keep the size histogram instead of favouring sizes "
+      f"that score well")
     a("--rounds", type=int, help="GRAFT rounds (or DDPO epochs of M samples)")
     a("--sample_from", choices=["current", "reference"], default="current",
       help="GRAFT: draw each round from the current fine-tuned model (tilts compound) or always from the "
@@ -227,6 +230,8 @@ def check_finetuning_args(p, args, rewards, positive=()):
         p.error(f"need --K <= --M and --N <= --T, got K {args.K}, M {args.M}, N {args.N}, T {args.T}")
     if args.reward not in rewards:
         p.error(f"unknown --reward {args.reward!r}; choose from {', '.join(rewards)}")
+    if args.stratify and args.accept != "top_k":
+        p.error("--stratify works with --accept top_k only")
     if args.accept == "threshold" and args.tau is None:
         p.error("--accept threshold needs --tau")
     if not 0 < args.ddpo_steps_frac <= 1:
@@ -331,13 +336,33 @@ def dedup_first(keys):
     return torch.tensor(keep, dtype=torch.long)
 
 
-def accept(rewards, rule, K=None, tau=None, keys=None):
+def stratum_quotas(groups, K):
+    """K split over strata in proportion to their sizes (largest remainders, so the quotas sum to K): the accepted
+    set keeps the sampled histogram of the stratifying condition. Returns {stratum: quota}."""
+    values, counts = np.unique(np.asarray(groups), return_counts=True)
+    share = K * counts / counts.sum()
+    quota = np.floor(share).astype(int)
+    for i in np.argsort(-(share - quota), kind="stable")[: K - quota.sum()]:
+        quota[i] += 1
+    return dict(zip(values.tolist(), quota.tolist()))
+
+
+def accept(rewards, rule, K=None, tau=None, keys=None, groups=None):
     """One call for every rule: 'top_k' (Top-K of M), 'best_of_n' (K = 1), 'threshold' (r >= tau).
-    With `keys`, duplicates are removed first and the rule ranks the survivors. Returns indices into rewards."""
+    With `keys`, duplicates are removed first and the rule ranks the survivors. With `groups` (top_k only), Top-K
+    runs within each stratum with K split by stratum_quotas: the Top-K of each condition the sampler was given
+    (the element or atom count), as the paper's text-to-image Top-K is per prompt. Returns indices into rewards."""
     rewards = torch.as_tensor(rewards, dtype=torch.float64)
     pool = dedup_first(keys) if keys is not None else torch.arange(len(rewards))
     r = rewards[pool]
-    if rule == "top_k":
+    if rule == "top_k" and groups is not None:
+        in_pool = np.asarray(groups)[pool.numpy()]
+        sel = []
+        for g, k in stratum_quotas(groups, K).items():
+            ids = torch.as_tensor(np.nonzero(in_pool == g)[0], dtype=torch.long)
+            sel.append(ids[accept_top_k(r[ids], min(k, len(ids)))])
+        sel = torch.cat(sel).sort().values
+    elif rule == "top_k":
         sel = accept_top_k(r, min(K, len(pool)))
     elif rule == "best_of_n":
         sel = accept_top_k(r, min(1, len(pool)))

@@ -481,12 +481,19 @@ class LayoutFID:
         return common.frechet_distance(*self.stats(boxes, labels), *self.real)
 
 
+def class_freq(labels, n_classes):
+    """Fraction of the elements in each class."""
+    return (np.bincount(labels[labels >= 0], minlength=n_classes) / max((labels >= 0).sum(), 1)).round(4).tolist()
+
+
 def evaluate(boxes, labels, fid):
-    """SPEC 6: alignment x100 and overlap with 95% CIs, layout FID against the test set; distinct layouts."""
+    """SPEC 6: alignment x100 and overlap with 95% CIs, layout FID against the test set; distinct layouts; the
+    class mix (the FID net reacts strongly to it)."""
     keys = layout_keys(boxes, labels)
     return {"alignment_x100": common.mean_ci95(100 * alignment(boxes, labels)),
             "overlap": common.mean_ci95(overlap(boxes, labels)), "fid": {"mean": fid(boxes, labels), "ci95": None},
-            "unique": len(set(keys)) / len(keys), "n_elements": float((labels >= 0).sum(1).mean())}
+            "unique": len(set(keys)) / len(keys), "n_elements": float((labels >= 0).sum(1).mean()),
+            "class_freq": class_freq(labels, fid.n_classes)}
 
 
 # -- reward: a plain function (boxes (B, 25, 4) centre format in [0, 1], labels (B, 25), -1 padding) -> (B,) --
@@ -549,8 +556,8 @@ def score(res, reward_fn):
     return r
 
 
-RESUME_KEYS = ("algo", "n_i", "rp", "M", "K", "accept", "tau", "dedup", "sample_from", "ft_steps", "ft_lr",
-               "reward", "N", "T", "seed", "batch_size", "ddpo_lr", "ddpo_batch", "ddpo_steps_frac", "ddpo_clip",
+RESUME_KEYS = ("algo", "n_i", "rp", "M", "K", "accept", "tau", "dedup", "stratify", "sample_from", "ft_steps",
+               "ft_lr", "reward", "N", "T", "seed", "batch_size", "ddpo_lr", "ddpo_batch", "ddpo_steps_frac", "ddpo_clip",
                "dataset", "data", "grid")
 
 
@@ -584,7 +591,8 @@ def finetune(args, ref, ref_cfg, abar, hist, device):
         if args.algo == "ddpo":
             grad, acc = common.ddpo_update(ft, opt, res, r, n_elem, abar, args.N, args, step_mean_std), torch.arange(args.M)
         else:
-            acc = common.accept(r, args.accept, K=args.K, tau=args.tau, keys=keys if args.dedup else None)
+            acc = common.accept(r, args.accept, K=args.K, tau=args.tau, keys=keys if args.dedup else None,
+                                groups=n_elem if args.stratify else None)
             if len(acc) == 0:
                 raise SystemExit(f"graft_layout: round {rnd + 1} accepted no sample; lower --tau or raise --M")
             grad = common.train_on_accepted(ft, opt, res["x_s"][save_k][acc], n_elem[acc.numpy()], abar, t_lo, t_hi,
@@ -628,6 +636,7 @@ def real_floor(args, data, fid):
     return {"n_samples": len(te["n"]), "metrics": {
         "alignment_x100": common.mean_ci95(100 * alignment(te["boxes"], te["labels"])),
         "overlap": common.mean_ci95(overlap(te["boxes"], te["labels"])), "n_elements": float(te["n"].mean()),
+        "class_freq": class_freq(te["labels"], fid.n_classes),
         "fid": {"mean": fid(tr["boxes"][idx], tr["labels"][idx]), "ci95": None, "n_train_layouts": len(idx)}}}
 
 
@@ -741,7 +750,8 @@ def main(argv=None):
     for name in ("real_test", "reference", "finetuned"):
         if name in results:
             m = results[name]["metrics"]
-            print(f"{name:>10}: " + ", ".join(f"{k} {m[k]['mean']:.4f}" for k in ("alignment_x100", "overlap", "fid")))
+            print(f"{name:>10}: " + ", ".join(f"{k} {m[k]['mean']:.4f}" for k in ("alignment_x100", "overlap", "fid"))
+                  + ", class mix " + " ".join(f"{c} {f:.3f}" for c, f in zip(classes, m["class_freq"])))
     print(f"wrote {os.path.join(args.out, 'results.json')}")
     return results
 

@@ -430,8 +430,8 @@ def score(samples, reward_fn):
     return mols, r
 
 
-RESUME_KEYS = ("algo", "n_i", "rp", "M", "K", "accept", "tau", "dedup", "sample_from", "ft_steps", "ft_lr",
-               "reward", "N", "T", "seed", "batch_size", "ddpo_lr", "ddpo_batch", "ddpo_steps_frac", "ddpo_clip")
+RESUME_KEYS = ("algo", "n_i", "rp", "M", "K", "accept", "tau", "dedup", "stratify", "sample_from", "ft_steps",
+               "ft_lr", "reward", "N", "T", "seed", "batch_size", "ddpo_lr", "ddpo_batch", "ddpo_steps_frac", "ddpo_clip")
 
 
 def finetune(args, ref, ref_cfg, abar, hist, device):
@@ -471,7 +471,8 @@ def finetune(args, ref, ref_cfg, abar, hist, device):
             n_acc = args.M
         else:
             keys = [m.smiles for m in mols] if args.dedup else None
-            acc = common.accept(r, args.accept, K=args.K, tau=args.tau, keys=keys)
+            acc = common.accept(r, args.accept, K=args.K, tau=args.tau, keys=keys,
+                                groups=n_atoms if args.stratify else None)
             n_acc = len(acc)
             if n_acc == 0:
                 raise SystemExit(f"graft_molecule: round {rnd + 1} accepted no sample; lower --tau or raise --M")

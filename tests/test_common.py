@@ -76,6 +76,29 @@ def test_accept_dedup_keeps_one_copy_per_key_before_ranking():
     assert common.accept(rewards, "top_k", K=3, keys=[None] * 6).numel() == 0
 
 
+def test_stratified_top_k_keeps_the_size_histogram_and_ranks_within_each_size():
+    g = torch.Generator().manual_seed(3)
+    sizes = torch.randint(3, 9, (1000,), generator=g).numpy()                  # the sampler's condition
+    r = torch.randn(1000, generator=g).double() + torch.as_tensor(sizes) * 0.5  # big sizes score better
+    quotas = common.stratum_quotas(sizes, 100)
+    assert sum(quotas.values()) == 100
+    for s, k in quotas.items():
+        assert abs(k - 100 * np.mean(sizes == s)) < 1                          # proportional, rounded
+    acc = common.accept(r, "top_k", K=100, groups=sizes).numpy()
+    assert len(acc) == 100 and len(set(acc.tolist())) == 100
+    for s, k in quotas.items():
+        mine = acc[sizes[acc] == s]
+        assert len(mine) == k
+        others = np.setdiff1d(np.nonzero(sizes == s)[0], mine)
+        assert r[mine].min() >= r[others].max()                                # the best k of that size
+    plain = common.accept(r, "top_k", K=100).numpy()
+    assert np.mean(sizes[plain] == 8) > 0.5 > np.mean(sizes[acc] == 8)         # unstratified favours size 8
+    # with de-duplication the quotas still come from all M draws; a stratum short of survivors gives what it has
+    keys = ["dup" if s == 8 else str(i) for i, s in enumerate(sizes)]
+    acc = common.accept(r, "top_k", K=100, keys=keys, groups=sizes).numpy()
+    assert (sizes[acc] == 8).sum() == 1 and len(acc) == 100 - quotas[8] + 1
+
+
 def test_accept_threshold_keeps_r_at_least_tau():
     r = torch.tensor([0.2, 0.5, 0.7, 0.5, 0.1])
     assert common.accept(r, "threshold", tau=0.5).tolist() == [1, 2, 3]  # r >= tau, inclusive

@@ -424,7 +424,8 @@ def test_bad_ref_gives_one_line_error(tmp_path, case):
 
 
 @pytest.mark.parametrize("argv", [["--n_i", "1.0"], ["--n_i", "-0.1"], ["--K", "0"], ["--M", "10", "--K", "11"],
-                                  ["--reward", "nosuch"], ["--N", "0"], ["--N", "2000"]])
+                                  ["--reward", "nosuch"], ["--N", "0"], ["--N", "2000"],
+                                  ["--stratify", "--accept", "threshold", "--tau", "1"]])
 def test_bad_flags(argv, capsys):
     with pytest.raises(SystemExit) as e:
         gm.parse_args(argv)
