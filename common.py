@@ -248,7 +248,8 @@ def train_resumable(path, config, model, ema, opt, batches, loss_fn, total_steps
     optimizer, step and wall time from `path` (refuse(saved_config) returns an error line for a run that does not
     fit); saves atomically every 5 minutes, at the end, and when --max_minutes runs out. batches(step, gen)
     yields batches from `step` on; gen is seeded by --seed and the step, so a resumed run reshuffles from where it
-    stands. Returns the step reached."""
+    stands. The learning rate is lr_at(step), else --lr, also on resume (the optimizer state would restore the old
+    one). Returns the step reached."""
     step, wall = 0, 0.0
     ema.load_state_dict(model.state_dict())
     if os.path.exists(path):
@@ -271,9 +272,8 @@ def train_resumable(path, config, model, ema, opt, batches, loss_fn, total_steps
 
     bar = tqdm(total=total_steps, initial=step, desc=desc)
     for batch in ([] if step >= total_steps else batches(step, gen)):
-        if lr_at is not None:
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step) if lr_at is not None else args.lr
         with autocast(device, args.amp):
             loss = loss_fn(net, batch, gen)
         opt.zero_grad(set_to_none=True)

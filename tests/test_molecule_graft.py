@@ -129,9 +129,12 @@ def test_pretrain_resumes_and_refuses_other_sizes(tmp_path):
     second = common.load_checkpoint(os.path.join(tmp_path, "ref.pt"))
     assert second["extra"]["step"] == 5 and second["extra"]["wall_s"] >= first["extra"]["wall_s"]
     assert second["state_dicts"]["opt"]["state"][0]["step"] == 5          # Adam's state carried over, not reset
+    assert second["state_dicts"]["opt"]["param_groups"][0]["lr"] == 5e-4   # the preset's --lr
+    gm.main(["--pretrain", "--train_steps", "6", "--lr", "1e-4", *size])    # a new --lr wins over the saved one
+    assert common.load_checkpoint(os.path.join(tmp_path, "ref.pt"))["state_dicts"]["opt"]["param_groups"][0]["lr"] == 1e-4
     assert not torch.equal(first["state_dicts"]["ema"]["egnn.embedding.weight"],
                            second["state_dicts"]["ema"]["egnn.embedding.weight"])
     with pytest.raises(SystemExit, match="was trained with"):
-        gm.main(["--pretrain", "--train_steps", "6", *size[:1], "16", *size[2:]])
+        gm.main(["--pretrain", "--train_steps", "7", *size[:1], "16", *size[2:]])
     model, cfg = gm.load_reference(os.path.join(tmp_path, "ref.pt"), torch.device("cpu"), {})
     assert cfg["nf"] == 8 and isinstance(model, torch.nn.Module)
