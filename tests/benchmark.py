@@ -1,0 +1,127 @@
+"""Speed on this machine: each script's sampler and training step, and the default runs' wall time estimated
+from them. Prints numbers and asserts nothing: timings live here, not in the tests (pytest does not collect it).
+
+    python tests/benchmark.py                 # all three tasks, a few minutes on 2 CPU cores
+    python tests/benchmark.py --quick         # fewer samples, noisier numbers
+    python tests/benchmark.py --only layout   # one task
+
+The estimates are rough: they count sampling and training only (not metrics, RDKit or FID features, nor first-run
+caching; the reference's evaluation is counted, though a later run finds it cached), and time training steps on
+the largest molecules or layouts. Other jobs slow everything down: the load average is printed with the numbers.
+"""
+import argparse
+import os
+import resource
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # noqa: E402
+
+
+def timed(fn, repeat=1):
+    t0 = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    return (time.perf_counter() - t0) / repeat
+
+
+def train_step_s(net, loss_fn, steps=10):
+    opt = torch.optim.Adam(net.parameters(), lr=1e-5)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss_fn().backward()
+        opt.step()
+    step()                                                                     # warm-up (allocations)
+    return timed(step, steps)
+
+
+def molecule(quick):
+    import graft_molecule as gm
+    args = gm.parse_args([])
+    data = gm.load_qm9(args.data_dir)["train"]
+    hist = np.bincount(data["n"], minlength=gm.MAX_N + 1) / len(data["n"])
+    ref, cfg = gm.load_reference(args.ref, torch.device("cpu"), {})
+    abar, n = gm.make_abar(cfg), 50 if quick else 250
+    n_atoms = np.random.RandomState(0).choice(len(hist), n, p=hist)
+    s = timed(lambda: gm.sample(ref, ref, n_atoms, abar, args.N, batch=args.sample_batch, desc="molecule sampling"))
+    rate = n / s
+    idx = np.argsort(data["n"])[-args.batch_size:]                             # the largest molecules: worst case
+    z, mask = gm.to_features(data["pos"][idx], data["types"][idx], cfg["include_charges"])
+    net = gm.build_model(cfg).train()
+    step = train_step_s(net, lambda: common.shaped_loss(net, z, mask, abar, 1, cfg["T"], noise=gm.sample_noise))
+    samples = 2 * args.n_eval + args.rounds * args.M                           # reference + fine-tuned eval + rounds
+    est = samples / rate + args.rounds * args.ft_steps * step
+    return {"task": "molecule", "what": f"N {args.N}, {n} molecules", "samples_per_s": rate,
+            "train_step_s": step, "default_run_samples": samples, "default_run_estimate_min": est / 60}
+
+
+def layout(quick):
+    import graft_layout as gl
+    args = gl.parse_args([])
+    data = gl.load_data(args.dataset)["train"]
+    hist = np.bincount(data["n"], minlength=gl.MAX_N + 1) / len(data["n"])
+    ref, cfg = gl.load_reference(args.ref, torch.device("cpu"), args.dataset)
+    abar, n = gl.make_abar(cfg), 200 if quick else 1000
+    n_elem = np.random.RandomState(0).choice(len(hist), n, p=hist)
+    s = timed(lambda: gl.sample(ref, ref, n_elem, abar, args.N, batch=args.sample_batch, desc="layout sampling"))
+    rate = n / s
+    idx = np.argsort(data["n"])[-args.batch_size:]
+    z, mask = gl.to_features(data["boxes"][idx], data["labels"][idx], cfg["n_classes"])
+    net = gl.build_model(cfg).train()
+    step = train_step_s(net, lambda: common.shaped_loss(net, z, mask, abar, 1, cfg["T"]))
+    samples = 2 * args.n_eval + args.rounds * args.M
+    est = samples / rate + args.rounds * args.ft_steps * step
+    return {"task": "layout", "what": f"N {args.N}, {n} layouts", "samples_per_s": rate, "train_step_s": step,
+            "default_run_samples": samples, "default_run_estimate_min": est / 60}
+
+
+def noise(quick):
+    import noise_correction as nc
+    args = nc.parse_args([])
+    cfg = nc.model_config(args, 1)
+    base = nc.build_model(cfg).eval().requires_grad_(False)
+    corr = nc.build_model(nc.corrector_config(cfg, args.corrector_width, args.plain_corrector)).eval().requires_grad_(False)
+    B = 100 if quick else args.sample_batch
+    x, t = torch.randn(B, 1, args.image_size, args.image_size), torch.full((B,), 0.5)
+    with torch.no_grad():
+        base_s, corr_s = timed(lambda: base(x, t), 3) / B, timed(lambda: corr(x, t), 3) / B   # per image and forward
+    x1 = torch.rand(args.batch_size, 1, args.image_size, args.image_size) * 2 - 1
+    net = nc.build_model(cfg).train()
+    step = train_step_s(net, lambda: nc.rf_loss(net, x1), 3)
+    # the default evaluation: the base at each --base_steps count and at the FLOPs-matched N' (about N + N_c / 4),
+    # and the corrected sampler (N_c corrector forwards, then N base forwards); n_eval images x fid_seeds FIDs each
+    base_forwards = sum(args.base_steps) + args.N + args.N_c // 4 + 1 + args.N
+    est = (base_forwards * base_s + args.N_c * corr_s) * args.n_eval * args.fid_seeds
+    return {"task": "noise_correction", "what": f"cpu preset, batch {B}", "base_forwards_per_s": 1 / base_s,
+            "corrector_forwards_per_s": 1 / corr_s,
+            "flops_per_forward": nc.flops_per_forward(base, 1, args.image_size, torch.device("cpu")),
+            "train_step_s": step, "base_pretrain_estimate_h": args.train_steps * step / 3600,
+            "default_eval_estimate_min": est / 60}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="fewer samples (noisier numbers)")
+    p.add_argument("--only", choices=["molecule", "layout", "noise_correction"], help="benchmark one task")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
+          f"load average {os.getloadavg()[0]:.2f}")
+    for name, fn in (("molecule", molecule), ("layout", layout), ("noise_correction", noise)):
+        if args.only in (None, name):
+            r = fn(args.quick)
+            print(", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()), flush=True)
+    print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB, "
+          f"load average now {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
