@@ -199,6 +199,11 @@ def add_finetuning_args(a, unit):
     add_runtime_args(a)
 
 
+# the settings a fine-tuning run's state.pt must share with the command that resumes it
+RESUME_KEYS = ("algo", "n_i", "rp", "M", "K", "accept", "tau", "dedup", "stratify", "sample_from", "ft_steps",
+               "ft_lr", "reward", "N", "T", "seed", "batch_size", "ddpo_lr", "ddpo_batch", "ddpo_steps_frac", "ddpo_clip")
+
+
 def add_runtime_args(a, amp_help="bf16 autocast (GPU)"):
     a("--seed", type=int, default=0, help="seed: a CPU run is reproducible")
     a("--device", default="cpu", help="cpu, cuda, cuda:1 or auto")
@@ -250,7 +255,7 @@ def train_resumable(path, config, model, ema, opt, batches, loss_fn, total_steps
     yields batches from `step` on; gen is seeded by --seed and the step, so a resumed run reshuffles from where it
     stands. The learning rate is lr_at(step), else --lr, also on resume (the optimizer state would restore the old
     one). Returns the step reached."""
-    step, wall = 0, 0.0
+    step, wall, lr_at = 0, 0.0, lr_at or (lambda step: args.lr)
     ema.load_state_dict(model.state_dict())
     if os.path.exists(path):
         ckpt = load_checkpoint(path)
@@ -273,7 +278,7 @@ def train_resumable(path, config, model, ema, opt, batches, loss_fn, total_steps
     bar = tqdm(total=total_steps, initial=step, desc=desc)
     for batch in ([] if step >= total_steps else batches(step, gen)):
         for g in opt.param_groups:
-            g["lr"] = lr_at(step) if lr_at is not None else args.lr
+            g["lr"] = lr_at(step)
         with autocast(device, args.amp):
             loss = loss_fn(net, batch, gen)
         opt.zero_grad(set_to_none=True)

@@ -556,9 +556,7 @@ def score(res, reward_fn):
     return r
 
 
-RESUME_KEYS = ("algo", "n_i", "rp", "M", "K", "accept", "tau", "dedup", "stratify", "sample_from", "ft_steps",
-               "ft_lr", "reward", "N", "T", "seed", "batch_size", "ddpo_lr", "ddpo_batch", "ddpo_steps_frac", "ddpo_clip",
-               "dataset", "data", "grid")
+RESUME_KEYS = common.RESUME_KEYS + ("dataset", "data", "grid")
 
 
 def finetune(args, ref, ref_cfg, abar, hist, device):

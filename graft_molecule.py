@@ -430,9 +430,6 @@ def score(samples, reward_fn):
     return mols, r
 
 
-RESUME_KEYS = ("algo", "n_i", "rp", "M", "K", "accept", "tau", "dedup", "stratify", "sample_from", "ft_steps",
-               "ft_lr", "reward", "N", "T", "seed", "batch_size", "ddpo_lr", "ddpo_batch", "ddpo_steps_frac", "ddpo_clip")
-
 
 def finetune(args, ref, ref_cfg, abar, hist, device):
     """GRAFT rounds (or DDPO epochs): draw M, score, accept, train; a checkpoint after every round."""
@@ -441,7 +438,7 @@ def finetune(args, ref, ref_cfg, abar, hist, device):
     lr = args.ddpo_lr if args.algo == "ddpo" else args.ft_lr
     opt = torch.optim.Adam(ft.parameters(), lr=lr)
     state_path = os.path.join(args.out, "state.pt")
-    key = {k: getattr(args, k) for k in RESUME_KEYS} | {"ref": args.ref}
+    key = {k: getattr(args, k) for k in common.RESUME_KEYS} | {"ref": args.ref}
     rounds, compute, start = [], {"samples": 0, "nfe_sampling": 0, "grad_calls": 0, "wall_s": 0.0}, 0
     if os.path.exists(state_path):
         st = common.load_checkpoint(state_path)

@@ -791,6 +791,16 @@ def plot_fid_flops(curve, path, feat_name):
     fig.tight_layout(), fig.savefig(path, dpi=130), plt.close(fig)
 
 
+def matched_steps(args, flops):
+    """N': the fewest base steps costing at least the corrected sampler's N_c F_corrector + N F_base FLOPs."""
+    return math.ceil((args.N * flops["base"] + args.N_c * flops["corrector"]) / flops["base"] - 1e-9)
+
+
+def base_step_counts(args, N_match=None):
+    """The base sampler's step counts on the FID-vs-FLOPs curve: --base_steps, N, and N' when there is a corrector."""
+    return sorted(set(args.base_steps) | {args.N} | ({N_match} if N_match else set()))
+
+
 def fid_vs_flops(args, base, corrector, data, flops, N_match, shape, device):
     """The base at every step count of the curve (and at the FLOPs-matched N'), then the corrected sampler: FID over
     fid_seeds seeds each, from the same noises; PNGs of base, corrected and matched base side by side."""
@@ -798,7 +808,7 @@ def fid_vs_flops(args, base, corrector, data, flops, N_match, shape, device):
     ref_stats = reference_stats(args, data, feat, feat_tag)
     print(f"FID: {feat_name}; reference: {data['ref_name']}; {args.n_eval:,} samples x {args.fid_seeds} seeds per point")
     curve, grids = [], {}
-    for N in sorted(set(args.base_steps) | {args.N} | ({N_match} if corrector is not None else set())):
+    for N in base_step_counts(args, N_match if corrector is not None else None):
         pt, grids[N] = evaluate_point(args, base, None, N, 0, flops, feat, ref_stats, shape, device)
         curve.append(pt)
     fid = {c["N"]: c["metrics"]["fid"]["mean"] for c in curve}
@@ -836,7 +846,7 @@ def main(argv=None):
     probe = build_model(c_cfg).to(device)
     flops = {"base": flops_per_forward(base, *shape[:2], device), "corrector": flops_per_forward(probe, *shape[:2], device)}
     corr_flops = args.N * flops["base"] + args.N_c * flops["corrector"]
-    N_match = math.ceil(corr_flops / flops["base"] - 1e-9)
+    N_match = matched_steps(args, flops)
     print(f"base: {args.ref}, {n_params(base):,} parameters, {flops['base']:.3e} FLOPs/forward, N {args.N} "
           f"(h = {args.h:.4g}); corrector: {n_params(probe):,} parameters ({n_params(probe) / n_params(base):.3f} of the "
           f"base), {flops['corrector']:.3e} FLOPs/forward, N_c {args.N_c}; corrected sampler {corr_flops:.3e} "

@@ -40,6 +40,13 @@ def train_step_s(net, loss_fn, steps=10):
     return timed(step, steps)
 
 
+def default_run(args, rate, step):
+    """Samples of the default GRAFT run (reference and fine-tuned evaluation, M per round) and its estimated time."""
+    samples = 2 * args.n_eval + args.rounds * args.M
+    return {"default_run_samples": samples,
+            "default_run_estimate_min": (samples / rate + args.rounds * args.ft_steps * step) / 60}
+
+
 def molecule(quick):
     import graft_molecule as gm
     args = gm.parse_args([])
@@ -54,10 +61,8 @@ def molecule(quick):
     z, mask = gm.to_features(data["pos"][idx], data["types"][idx], cfg["include_charges"])
     net = gm.build_model(cfg).train()
     step = train_step_s(net, lambda: common.shaped_loss(net, z, mask, abar, 1, cfg["T"], noise=gm.sample_noise))
-    samples = 2 * args.n_eval + args.rounds * args.M                           # reference + fine-tuned eval + rounds
-    est = samples / rate + args.rounds * args.ft_steps * step
-    return {"task": "molecule", "what": f"N {args.N}, {n} molecules", "samples_per_s": rate,
-            "train_step_s": step, "default_run_samples": samples, "default_run_estimate_min": est / 60}
+    return {"task": "molecule", "what": f"N {args.N}, {n} molecules", "samples_per_s": rate, "train_step_s": step,
+            **default_run(args, rate, step)}
 
 
 def layout(quick):
@@ -74,10 +79,8 @@ def layout(quick):
     z, mask = gl.to_features(data["boxes"][idx], data["labels"][idx], cfg["n_classes"])
     net = gl.build_model(cfg).train()
     step = train_step_s(net, lambda: common.shaped_loss(net, z, mask, abar, 1, cfg["T"]))
-    samples = 2 * args.n_eval + args.rounds * args.M
-    est = samples / rate + args.rounds * args.ft_steps * step
     return {"task": "layout", "what": f"N {args.N}, {n} layouts", "samples_per_s": rate, "train_step_s": step,
-            "default_run_samples": samples, "default_run_estimate_min": est / 60}
+            **default_run(args, rate, step)}
 
 
 def noise(quick):
@@ -93,13 +96,15 @@ def noise(quick):
     x1 = torch.rand(args.batch_size, 1, args.image_size, args.image_size) * 2 - 1
     net = nc.build_model(cfg).train()
     step = train_step_s(net, lambda: nc.rf_loss(net, x1), 3)
-    # the default evaluation: the base at each --base_steps count and at the FLOPs-matched N' (about N + N_c / 4),
-    # and the corrected sampler (N_c corrector forwards, then N base forwards); n_eval images x fid_seeds FIDs each
-    base_forwards = sum(args.base_steps) + args.N + args.N_c // 4 + 1 + args.N
+    # the default evaluation: the base at each step count of the curve (N' included), then the corrected sampler
+    # (N_c corrector forwards, then N base forwards); n_eval images x fid_seeds FIDs each
+    flops = {"base": nc.flops_per_forward(base, 1, args.image_size, torch.device("cpu")),
+             "corrector": nc.flops_per_forward(corr, 1, args.image_size, torch.device("cpu"))}
+    base_forwards = sum(nc.base_step_counts(args, nc.matched_steps(args, flops))) + args.N
     est = (base_forwards * base_s + args.N_c * corr_s) * args.n_eval * args.fid_seeds
     return {"task": "noise_correction", "what": f"cpu preset, batch {B}", "base_forwards_per_s": 1 / base_s,
             "corrector_forwards_per_s": 1 / corr_s,
-            "flops_per_forward": nc.flops_per_forward(base, 1, args.image_size, torch.device("cpu")),
+            "flops_per_forward": flops["base"],
             "train_step_s": step, "base_pretrain_estimate_h": args.train_steps * step / 3600,
             "default_eval_estimate_min": est / 60}
 
