@@ -384,9 +384,20 @@ class CheckpointError(Exception):
     """A checkpoint that is missing, corrupt or does not fit; scripts turn it into one error line."""
 
 
+def _to_cpu(v):
+    """Every tensor in nested dicts / lists / tuples (optimizer states nest them) moved to the CPU."""
+    if torch.is_tensor(v):
+        return v.cpu()
+    if isinstance(v, dict):
+        return {k: _to_cpu(x) for k, x in v.items()}
+    return type(v)(_to_cpu(x) for x in v) if isinstance(v, (list, tuple)) else v
+
+
 def save_checkpoint(path, state_dicts, config, extra=None):
-    """Atomically write {'config': JSON-able dict, 'state_dicts': {name: state_dict}, 'extra': JSON-able}."""
+    """Atomically write {'config': JSON-able dict, 'state_dicts': {name: state_dict}, 'extra': JSON-able}.
+    Tensors are stored on the CPU, so a checkpoint trained on a GPU loads anywhere with a plain torch.load."""
     json.dumps(config), json.dumps(extra)  # fail here, not at load time, if something is not JSON-able
+    state_dicts = _to_cpu(state_dicts)
     path = os.path.abspath(path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")

@@ -46,8 +46,11 @@ PRESETS = {
     # base at N = 2, 4, 8, the FLOPs-matched 11, and the corrected 8 + 8) takes about 15 minutes.
     # N = 8 [ours]: few enough steps to leave a discretisation error for the corrector to remove, with h = 1/8 for
     # the inversion's h L < 1 (the paper: N = 200 at 256x256).
+    # n_invert 5,000 [ours, measured]: inverting costs ~0.28 s per image on one core, mostly in the last step
+    # (t = 7/8 -> 1), where h v(z) = E[x_1 | z] - z and the fixed point contracts only as fast as the denoiser's
+    # slope; every image there runs to n_b.
     "cpu": dict(image_size=32, ch=16, ch_mult="1,2,4", n_res=1, attn_res="", N=8, N_c=8, base_steps="2,4,8",
-                train_steps=20_000, batch_size=128, lr=3e-4, ema_decay=0.9995, n_invert=20_000, n_b=30, tol=1e-4,
+                train_steps=20_000, batch_size=128, lr=3e-4, ema_decay=0.9995, n_invert=5_000, n_b=30, tol=1e-4,
                 corrector_steps=10_000, n_eval=2000, fid_seeds=3, sample_batch=500),
     # the paper's sizes: a 64.0M-parameter base (DDPM's 256x256 UNet at width 96) and a 16.0M corrector (width 48).
     # Pixel space: 2.8e11 FLOPs per forward, where the paper's 1.374e12 per 200 steps implies a latent-space model.
@@ -459,21 +462,26 @@ def invert(net, x, N, n_b, tol, keep_states=False):
     RMS(z + h v(z, jh) - y) <= tol; y = z. Converges when h L < 1. Always float32 (bf16 would floor the residual).
     Warm start [ours]: z = y - h v(y, (j+1)h), the last step's final velocity, is as close as the first update from
     z = y (both O(h^2) from the root) and costs no forward pass: one forward saved per step.
-    Returns z (B, C, H, W), the worst residual over steps per sample (B,), iterations per step (N,), and the
-    states x_{jh}, j = N-1 .. 0, when keep_states (for the hL estimate)."""
+    Only the samples still above tol are iterated [ours]: one slow solve no longer costs the whole batch.
+    Returns z (B, C, H, W), the worst residual over steps per sample (B,), the mean iterations per step (N,), and
+    the states x_{jh}, j = N-1 .. 0, when keep_states (for the hL estimate)."""
     assert not net.gauss_skip, "the inversion runs through the base sampler"
     h, y, hv = 1.0 / N, x, None
-    worst, iters, states = torch.zeros(len(x), device=x.device), torch.zeros(N), []
+    worst, iters, states = torch.zeros(len(x), device=x.device, dtype=x.dtype), torch.zeros(N), []
     for j in reversed(range(N)):
         t = torch.full((len(x),), j * h, device=x.device, dtype=x.dtype)
-        z = y if hv is None else y - hv                                                    # hv = h v(y, (j+1)h)
+        z = y.clone() if hv is None else y - hv                                            # hv = h v(y, (j+1)h)
+        hv, r = torch.empty_like(y), torch.empty(len(x), device=x.device, dtype=x.dtype)
+        todo = torch.arange(len(x), device=x.device)                                       # samples still iterating
         for k in range(n_b + 1):
-            hv = h * net(z, t).to(x.dtype)
-            r = rms(z + hv - y)                                                            # residual of this z
-            if k == n_b or not r.max() > tol:                                              # NaN counts as done
+            hv[todo] = h * net(z[todo], t[todo]).to(x.dtype)
+            r[todo] = rms(z[todo] + hv[todo] - y[todo])                                    # residual of this z
+            iters[j] += len(todo) / len(x)
+            todo = todo[r[todo] > tol] if k < n_b else todo[:0]                            # NaN counts as done
+            if len(todo) == 0:
                 break
-            z = y - hv
-        iters[j] = k
+            z[todo] = y[todo] - hv[todo]
+        iters[j] -= 1                                                                      # updates, not forwards
         worst = torch.maximum(worst, torch.nan_to_num(r, nan=float("inf")))
         y = z
         if keep_states:
@@ -768,7 +776,7 @@ def plot_side_by_side(panels, path):
     plt = common.pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4.4))
     for ax, (title, imgs) in zip(np.atleast_1d(axes), panels):
-        g = torchvision.utils.make_grid(imgs[:64], nrow=8, padding=1, pad_value=255).permute(1, 2, 0).numpy()
+        g = torchvision.utils.make_grid(imgs[:64].cpu(), nrow=8, padding=1, pad_value=255).permute(1, 2, 0).numpy()
         ax.imshow(g.squeeze(-1) if g.shape[-1] == 1 else g, cmap="gray", vmin=0, vmax=255)
         ax.set_title(title, fontsize=9), ax.axis("off")
     fig.tight_layout(), fig.savefig(path, dpi=130), plt.close(fig)

@@ -66,6 +66,17 @@ def test_inversion_of_linear_field_equals_analytic_preimage():
     torch.testing.assert_close(nc.flow_sample(net, z, N), x, rtol=0, atol=1e-11)   # T(inverse(x)) = x
 
 
+def test_each_sample_is_inverted_as_if_alone_in_its_batch():
+    # a sample far from the fixed point needs more iterations than one near it; the converged one must stop, so
+    # a sample's inverse noise does not depend on its batch mates (batch-wide iteration failed this)
+    net = _linear_field(scale=3.0)                                    # h L = 0.75: slow enough to differ
+    x = torch.randn(3, 1, 3, 4, dtype=torch.float64) * torch.tensor([1e-3, 1.0, 30.0]).view(3, 1, 1, 1)
+    z, worst, iters, _ = nc.invert(net, x, 4, n_b=200, tol=1e-6)
+    alone = torch.cat([nc.invert(net, x[i:i + 1], 4, n_b=200, tol=1e-6)[0] for i in range(3)])
+    torch.testing.assert_close(z, alone, rtol=0, atol=1e-10)                 # BLAS rounding only
+    assert worst.max() <= 1e-6
+
+
 def test_inversion_reports_non_convergence_when_hL_exceeds_one():
     N = 4
     net = _linear_field(scale=6.0)                                    # h L = 1.5: the fixed point iteration diverges
