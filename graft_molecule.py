@@ -430,7 +430,6 @@ def score(samples, reward_fn):
     return mols, r
 
 
-
 def finetune(args, ref, ref_cfg, abar, hist, device):
     """GRAFT rounds (or DDPO epochs): draw M, score, accept, train; a checkpoint after every round."""
     ft = common.maybe_compile(build_model(ref_cfg).to(device), args.compile)

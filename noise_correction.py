@@ -476,12 +476,11 @@ def invert(net, x, N, n_b, tol, keep_states=False):
         for k in range(n_b + 1):
             hv[todo] = h * net(z[todo], t[todo]).to(x.dtype)
             r[todo] = rms(z[todo] + hv[todo] - y[todo])                                    # residual of this z
-            iters[j] += len(todo) / len(x)
-            todo = todo[r[todo] > tol] if k < n_b else todo[:0]                            # NaN counts as done
-            if len(todo) == 0:
+            todo = todo[r[todo] > tol]                                                     # NaN counts as done
+            if k == n_b or len(todo) == 0:
                 break
+            iters[j] += len(todo) / len(x)                                                 # mean updates per sample
             z[todo] = y[todo] - hv[todo]
-        iters[j] -= 1                                                                      # updates, not forwards
         worst = torch.maximum(worst, torch.nan_to_num(r, nan=float("inf")))
         y = z
         if keep_states:
