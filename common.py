@@ -204,6 +204,18 @@ RESUME_KEYS = ("algo", "n_i", "rp", "M", "K", "accept", "tau", "dedup", "stratif
                "ft_lr", "reward", "N", "T", "seed", "batch_size", "ddpo_lr", "ddpo_batch", "ddpo_steps_frac", "ddpo_clip")
 
 
+
+def plan(method, args, tau, T):
+    """The derived quantities of a fine-tuning run, printed at its start: acceptance, switch step, compute per round."""
+    grad = (args.M * max(1, round(args.ddpo_steps_frac * (args.N - 1))) if args.algo == "ddpo"
+            else args.ft_steps * args.batch_size)
+    rule = {"top_k": f"Top-{args.K} of M {args.M} (K/M {args.K / args.M:.2f})", "best_of_n": f"Best-of-{args.M}",
+            "threshold": f"r >= {args.tau} of M {args.M}"}[args.accept]
+    accept = "on-policy policy gradient" if args.algo == "ddpo" else f"{rule}, dedup {args.dedup}"
+    return (f"{method}: {accept}, rounds {args.rounds}, N {args.N}, N_I {args.N_I}, s = tau_N_I = "
+            f"{int(tau[args.N_I])}/{T}, reward {args.reward}; per round: NFE {args.M * (args.N + 1):,}, "
+            f"gradient calls {grad:,}")
+
 def add_runtime_args(a, amp_help="bf16 autocast (GPU)"):
     a("--seed", type=int, default=0, help="seed: a CPU run is reproducible")
     a("--device", default="cpu", help="cpu, cuda, cuda:1 or auto")

@@ -597,12 +597,8 @@ def main(argv=None):
     print(f"reference: {args.ref} ({sum(p.numel() for p in ref.parameters()):,} parameters, {ref_cfg})")
     if args.measure_variance:
         return measure_variance(args, ref, abar, hist)
-    grad_per_round = (args.M * max(1, round(args.ddpo_steps_frac * (args.N - 1))) if args.algo == "ddpo"
-                      else args.ft_steps * args.batch_size)
     if not args.eval_only:
-        print(f"{method}: M {args.M}, K {args.K} (K/M {args.K / args.M:.2f}, {args.accept}, dedup {args.dedup}), "
-              f"rounds {args.rounds}, N {args.N}, N_I {args.N_I}, s = tau_N_I = {int(tau[args.N_I])}/{ref_cfg['T']}, "
-              f"reward {args.reward}; per round: NFE {args.M * (args.N + 1):,}, gradient calls {grad_per_round:,}")
+        print(common.plan(method, args, tau, ref_cfg["T"]))
     train_smiles = training_smiles(data, args.data_dir)
     t0 = time.time()
     reference, ref_samples = reference_eval(args, ref, abar, hist, train_smiles)

@@ -93,6 +93,8 @@ def build_parser():
     a("--N_c", type=int, help="corrector steps")
     a("--base_steps", help="base step counts for the FID-vs-FLOPs curve (the FLOPs-matched N' is added)")
     a("--n_b", type=int, help="fixed-point iterations per backward-Euler step")
+    a("--anderson", type=int, default=5, help="Anderson mixing over this many past iterates in the backward-Euler "
+      "solve (0: the paper's plain fixed-point iteration, which stalls in the last step; README)")
     a("--tol", type=float, help="stop iterating when every residual |z + h v(z) - y| (RMS per pixel) is below it")
     a("--sigma", type=float, default=0.0, help="Gaussian jitter on the data before inversion (the paper: 1e-3)")
     a("--n_invert", type=int, help="training images to invert (a seeded subset when fewer than the training set)")
@@ -137,7 +139,7 @@ def parse_args(argv=None):
               "image_size", "max_minutes"):
         if getattr(args, k) is not None and not getattr(args, k) > 0:
             p.error(f"--{k} must be positive, got {getattr(args, k)}")
-    for k in ("train_steps", "corrector_steps", "workers", "tol", "sigma", "drop_residual", "lr"):
+    for k in ("train_steps", "corrector_steps", "workers", "anderson", "tol", "sigma", "drop_residual", "lr"):
         if not getattr(args, k) >= 0:
             p.error(f"--{k} must be >= 0, got {getattr(args, k)}")
     for k, lo, hi in (("ema_decay", 0, 0.999999), ("corrector_width", 1e-6, 1), ("n_eval", 2, float("inf"))):
@@ -455,32 +457,54 @@ def rms(x):
     return x.flatten(1).pow(2).mean(1).sqrt()                                              # (B,) RMS per pixel
 
 
+def anderson_mix(Zh, Gh, idx, k, z, g):
+    """Anderson mixing (type II; Walker & Ni 2011) for the fixed point z = g(z) [ours]: store iterate k's (z, g(z))
+    in a ring of the last m, return sum_i a_i g_i with the weights (sum a_i = 1) that minimise |sum_i a_i (g_i - z_i)|,
+    per sample. It converges where plain iteration stalls because h L is close to or above 1 (slow directions)."""
+    m = Zh.shape[1]
+    n = min(k + 1, m)
+    Zh[idx, k % m], Gh[idx, k % m] = z.flatten(1), g.flatten(1)
+    Fr = Gh[idx, :n] - Zh[idx, :n]                                                         # (b, n, D) residuals
+    H = (Fr @ Fr.transpose(1, 2)).double()                                                  # (b, n, n) Gram matrix
+    eye = torch.eye(n, dtype=H.dtype, device=H.device)
+    H = H + (1e-8 * H.diagonal(dim1=1, dim2=2).mean(1) + 1e-30).view(-1, 1, 1) * eye         # Tikhonov, relative
+    a = torch.linalg.solve(H, torch.ones(len(idx), n, 1, dtype=H.dtype, device=H.device))
+    a = (a / a.sum(1, keepdim=True)).to(g.dtype)                                            # (b, n, 1)
+    return (a.transpose(1, 2) @ Gh[idx, :n]).view_as(g)
+
+
 @torch.no_grad()
-def invert(net, x, N, n_b, tol, keep_states=False):
+def invert(net, x, N, n_b, tol, anderson=5, keep_states=False):
     """The exact preimage of x under T (SPEC 5, the paper's indexing): y = x; for j = N-1 .. 0 solve
-    z + h v(z, jh) = y by z <- y - h v(z, jh), at most n_b updates or until every residual
-    RMS(z + h v(z, jh) - y) <= tol; y = z. Converges when h L < 1. Always float32 (bf16 would floor the residual).
+    z + h v(z, jh) = y, the fixed point of g(z) = y - h v(z, jh), at most n_b updates or until every residual
+    RMS(z + h v(z, jh) - y) <= tol; y = z. Plain iteration z <- g(z) (anderson = 0, the paper's) converges when
+    h L < 1; Anderson mixing over the last `anderson` iterates [ours] also where it does not: in the last step
+    h v(z) = E[x_1 | z] - z, whose slow directions stall the plain iteration (README, measured).
+    Always float32 (bf16 would floor the residual).
     Warm start [ours]: z = y - h v(y, (j+1)h), the last step's final velocity, is as close as the first update from
     z = y (both O(h^2) from the root) and costs no forward pass: one forward saved per step.
     Only the samples still above tol are iterated [ours]: one slow solve no longer costs the whole batch.
     Returns z (B, C, H, W), the worst residual over steps per sample (B,), the mean iterations per step (N,), and
     the states x_{jh}, j = N-1 .. 0, when keep_states (for the hL estimate)."""
     assert not net.gauss_skip, "the inversion runs through the base sampler"
-    h, y, hv = 1.0 / N, x, None
-    worst, iters, states = torch.zeros(len(x), device=x.device, dtype=x.dtype), torch.zeros(N), []
+    h, y, hv, B = 1.0 / N, x, None, len(x)
+    worst, iters, states = torch.zeros(B, device=x.device, dtype=x.dtype), torch.zeros(N), []
     for j in reversed(range(N)):
-        t = torch.full((len(x),), j * h, device=x.device, dtype=x.dtype)
+        t = torch.full((B,), j * h, device=x.device, dtype=x.dtype)
         z = y.clone() if hv is None else y - hv                                            # hv = h v(y, (j+1)h)
-        hv, r = torch.empty_like(y), torch.empty(len(x), device=x.device, dtype=x.dtype)
-        todo = torch.arange(len(x), device=x.device)                                       # samples still iterating
+        hv, r = torch.empty_like(y), torch.empty(B, device=x.device, dtype=x.dtype)
+        if anderson:
+            Zh, Gh = (x.new_zeros(B, anderson, x[0].numel()) for _ in range(2))            # (B, m, D) ring buffers
+        todo = torch.arange(B, device=x.device)                                            # samples still iterating
         for k in range(n_b + 1):
             hv[todo] = h * net(z[todo], t[todo]).to(x.dtype)
             r[todo] = rms(z[todo] + hv[todo] - y[todo])                                    # residual of this z
             todo = todo[r[todo] > tol]                                                     # NaN counts as done
             if k == n_b or len(todo) == 0:
                 break
-            iters[j] += len(todo) / len(x)                                                 # mean updates per sample
-            z[todo] = y[todo] - hv[todo]
+            iters[j] += len(todo) / B                                                      # mean updates per sample
+            g = y[todo] - hv[todo]                                                         # g(z)
+            z[todo] = anderson_mix(Zh, Gh, todo, k, z[todo], g) if anderson else g
         worst = torch.maximum(worst, torch.nan_to_num(r, nan=float("inf")))
         y = z
         if keep_states:
@@ -502,9 +526,9 @@ def step_lipschitz(net, z, t, iters=10, eps=1e-3):
     return lam
 
 
-def inversion_report(net, x, N, n_b, tol, n_power=8):
+def inversion_report(net, x, N, n_b, tol, anderson=5, n_power=8):
     """Residual, round trip |T(inverse(x)) - x| and h L per step on one batch (SPEC 5's diagnostics)."""
-    z, worst, iters, states = invert(net, x, N, n_b, tol, keep_states=True)
+    z, worst, iters, states = invert(net, x, N, n_b, tol, anderson, keep_states=True)
     back = flow_sample(net, z, N)
     err = rms(back - x)
     hL = [float(step_lipschitz(net, s[:n_power], torch.full((len(s[:n_power]),), j / N, device=s.device)).max()) / N
@@ -567,7 +591,7 @@ def invert_training_set(args, base, data, base_sha, device):
     """Inverse noises of n_invert training images (a seeded subset), resumable from <out>/inverse_N<N>.pt.
     Stored as float16 (the corrector learns their distribution; 1e-3 relative precision is ample)."""
     path = os.path.join(args.out, f"inverse_N{args.N}.pt")
-    key = {"base": base_sha, "N": args.N, "n_b": args.n_b, "tol": args.tol, "sigma": args.sigma,
+    key = {"base": base_sha, "N": args.N, "n_b": args.n_b, "tol": args.tol, "anderson": args.anderson, "sigma": args.sigma,
            "n_invert": args.n_invert, "seed": args.seed}
     n = min(args.n_invert, len(data["train"]))
     order = torch.randperm(len(data["train"]), generator=torch.Generator().manual_seed(args.seed))[:n]
@@ -588,11 +612,11 @@ def invert_training_set(args, base, data, base_sha, device):
         x = to_float(torch.stack([data["train"][int(i)][0] for i in order[b:b + args.sample_batch]]))
         x = (x + args.sigma * torch.randn(x.shape, generator=gen)).to(device)             # SPEC 5's jitter
         if report is None:
-            report = inversion_report(base, x[:64], args.N, args.n_b, args.tol)
+            report = inversion_report(base, x[:64], args.N, args.n_b, args.tol, args.anderson)
             print(f"inversion on {report['n']} images: residual max {report['residual_rms_max']:.2e}, round trip "
                   f"RMS max {report['roundtrip_rms_max']:.2e} (abs max {report['roundtrip_abs_max']:.2e}), "
                   f"hL max {report['hL_max']:.3g}, iterations per step {report['iterations_per_step']}")
-        zb, wb, _, _ = invert(base, x, args.N, args.n_b, args.tol)
+        zb, wb, _, _ = invert(base, x, args.N, args.n_b, args.tol, args.anderson)
         z.append(zb.half().cpu()), worst.append(wb.cpu())
         bar.update(len(x))
         if time.time() - last > 300:
