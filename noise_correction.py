@@ -640,7 +640,7 @@ def train_corrector(args, base, base_cfg, data, device):
         return False
     keep = (worst <= args.drop_residual) & torch.isfinite(z.float()).flatten(1).all(1)
     report |= {"n_inverted": len(z), "n_dropped": int((~keep).sum()), "residual_rms_median": float(worst.median()),
-               "drop_residual": args.drop_residual}
+               "drop_residual": args.drop_residual, "n_b": args.n_b, "tol": args.tol, "anderson": args.anderson}
     z = z[keep]
     print(f"inverse noises: {len(z):,} kept, {report['n_dropped']:,} dropped (residual > {args.drop_residual}); "
           f"RMS {float(rms(z.float()).mean()):.3f} (N(0, I) has 1)")
