@@ -204,7 +204,6 @@ RESUME_KEYS = ("algo", "n_i", "rp", "M", "K", "accept", "tau", "dedup", "stratif
                "ft_lr", "reward", "N", "T", "seed", "batch_size", "ddpo_lr", "ddpo_batch", "ddpo_steps_frac", "ddpo_clip")
 
 
-
 def plan(method, args, tau, T):
     """The derived quantities of a fine-tuning run, printed at its start: acceptance, switch step, compute per round."""
     grad = (args.M * max(1, round(args.ddpo_steps_frac * (args.N - 1))) if args.algo == "ddpo"
@@ -215,6 +214,7 @@ def plan(method, args, tau, T):
     return (f"{method}: {accept}, rounds {args.rounds}, N {args.N}, N_I {args.N_I}, s = tau_N_I = "
             f"{int(tau[args.N_I])}/{T}, reward {args.reward}; per round: NFE {args.M * (args.N + 1):,}, "
             f"gradient calls {grad:,}")
+
 
 def add_runtime_args(a, amp_help="bf16 autocast (GPU)"):
     a("--seed", type=int, default=0, help="seed: a CPU run is reproducible")

@@ -591,8 +591,8 @@ def invert_training_set(args, base, data, base_sha, device):
     """Inverse noises of n_invert training images (a seeded subset), resumable from <out>/inverse_N<N>.pt.
     Stored as float16 (the corrector learns their distribution; 1e-3 relative precision is ample)."""
     path = os.path.join(args.out, f"inverse_N{args.N}.pt")
-    key = {"base": base_sha, "N": args.N, "n_b": args.n_b, "tol": args.tol, "anderson": args.anderson, "sigma": args.sigma,
-           "n_invert": args.n_invert, "seed": args.seed}
+    key = {"base": base_sha, "N": args.N, "n_b": args.n_b, "tol": args.tol, "anderson": args.anderson,
+           "sigma": args.sigma, "n_invert": args.n_invert, "seed": args.seed}
     n = min(args.n_invert, len(data["train"]))
     order = torch.randperm(len(data["train"]), generator=torch.Generator().manual_seed(args.seed))[:n]
     z, worst, report = [], [], None
