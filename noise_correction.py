@@ -461,13 +461,11 @@ def anderson_mix(Zh, Gh, idx, k, z, g):
     """Anderson mixing (type II; Walker & Ni 2011) for the fixed point z = g(z) [ours]: store iterate k's (z, g(z))
     in a ring of the last m, return sum_i a_i g_i with the weights (sum a_i = 1) that minimise |sum_i a_i (g_i - z_i)|,
     per sample. It converges where plain iteration stalls because h L is close to or above 1 (slow directions)."""
-    m = Zh.shape[1]
-    n = min(k + 1, m)
+    m, n = Zh.shape[1], min(k + 1, Zh.shape[1])
     Zh[idx, k % m], Gh[idx, k % m] = z.flatten(1), g.flatten(1)
     Fr = Gh[idx, :n] - Zh[idx, :n]                                                         # (b, n, D) residuals
     H = (Fr @ Fr.transpose(1, 2)).double()                                                  # (b, n, n) Gram matrix
-    eye = torch.eye(n, dtype=H.dtype, device=H.device)
-    H = H + (1e-8 * H.diagonal(dim1=1, dim2=2).mean(1) + 1e-30).view(-1, 1, 1) * eye         # Tikhonov, relative
+    H = H + (1e-8 * H.diagonal(dim1=1, dim2=2).mean(1) + 1e-30).view(-1, 1, 1) * torch.eye(n).to(H)  # Tikhonov
     a = torch.linalg.solve(H, torch.ones(len(idx), n, 1, dtype=H.dtype, device=H.device))
     a = (a / a.sum(1, keepdim=True)).to(g.dtype)                                            # (b, n, 1)
     return (a.transpose(1, 2) @ Gh[idx, :n]).view_as(g)
@@ -475,14 +473,11 @@ def anderson_mix(Zh, Gh, idx, k, z, g):
 
 @torch.no_grad()
 def invert(net, x, N, n_b, tol, anderson=5, keep_states=False):
-    """The exact preimage of x under T (SPEC 5, the paper's indexing): y = x; for j = N-1 .. 0 solve
-    z + h v(z, jh) = y, the fixed point of g(z) = y - h v(z, jh), at most n_b updates or until every residual
-    RMS(z + h v(z, jh) - y) <= tol; y = z. Plain iteration z <- g(z) (anderson = 0, the paper's) converges when
-    h L < 1; Anderson mixing over the last `anderson` iterates [ours] also where it does not: in the last step
-    h v(z) = E[x_1 | z] - z, whose slow directions stall the plain iteration (README, measured).
-    Always float32 (bf16 would floor the residual).
-    Warm start [ours]: z = y - h v(y, (j+1)h), the last step's final velocity, is as close as the first update from
-    z = y (both O(h^2) from the root) and costs no forward pass: one forward saved per step.
+    """The exact preimage of x under T (SPEC 5, the paper's indexing): y = x; for j = N-1 .. 0 solve z + h v(z, jh) = y,
+    the fixed point of g(z) = y - h v(z, jh), by at most n_b updates or until RMS(z + h v(z, jh) - y) <= tol; y = z.
+    Plain iteration z <- g(z) (anderson = 0, the paper's) needs h L < 1; Anderson mixing [ours] also solves the last
+    step, where h v(z) = E[x_1 | z] - z has slow directions that stall it (README). Always float32.
+    Warm start [ours]: z = y - h v(y, (j+1)h), as close as the first update from z = y and one forward cheaper.
     Only the samples still above tol are iterated [ours]: one slow solve no longer costs the whole batch.
     Returns z (B, C, H, W), the worst residual over steps per sample (B,), the mean iterations per step (N,), and
     the states x_{jh}, j = N-1 .. 0, when keep_states (for the hL estimate)."""
