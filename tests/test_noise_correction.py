@@ -48,21 +48,25 @@ def _random_unet(cfg=TINY, seed=0, out_std=0.02):
     return net.eval().requires_grad_(False)
 
 
+
+def _analytic_preimage(net, x, N):
+    """Backward Euler through a linear field: for j = N-1 .. 0, (I + h A) z = y - h (j h) b. Returns (B, D)."""
+    h, y = 1 / N, x.flatten(1).T
+    I = torch.eye(len(net.A), dtype=torch.float64)
+    for j in reversed(range(N)):
+        y = torch.linalg.solve(I + h * net.A, y - h * (j * h) * net.b[:, None])
+    return y.T
+
+
 # -- inversion through the deployed sampler (SPEC 5) --------------------------------------------------------------
 
 @pytest.mark.parametrize("anderson", [0, 5])
 def test_inversion_of_linear_field_equals_analytic_preimage(anderson):
     N = 5
-    h = 1 / N
     net = _linear_field(scale=1.5)                                    # h L = 0.3 < 1
     x = torch.randn(4, 1, 3, 4, dtype=torch.float64)
     z, worst, iters, _ = nc.invert(net, x, N, n_b=200, tol=1e-13, anderson=anderson)
-    # analytic: for j = N-1 .. 0, (I + h A) z = y - h (j h) b
-    y = x.flatten(1).T
-    I = torch.eye(len(net.A), dtype=torch.float64)
-    for j in reversed(range(N)):
-        y = torch.linalg.solve(I + h * net.A, y - h * (j * h) * net.b[:, None])
-    torch.testing.assert_close(z.flatten(1), y.T, rtol=0, atol=1e-11)
+    torch.testing.assert_close(z.flatten(1), _analytic_preimage(net, x, N), rtol=0, atol=1e-11)
     assert worst.max() <= 1e-13 and iters.max() < 200
     torch.testing.assert_close(nc.flow_sample(net, z, N), x, rtol=0, atol=1e-11)   # T(inverse(x)) = x
 
@@ -88,16 +92,12 @@ def test_inversion_reports_non_convergence_when_hL_exceeds_one():
 
 
 def test_anderson_mixing_converges_where_the_plain_iteration_diverges():
-    N, h = 4, 0.25
+    N = 4
     net = _linear_field(scale=6.0)                                    # h L = 1.5
     x = torch.randn(3, 1, 3, 4, dtype=torch.float64)
     z, worst, _, _ = nc.invert(net, x, N, n_b=100, tol=1e-10, anderson=12)  # memory >= D: exact on a linear map
-    y = x.flatten(1).T
-    I = torch.eye(len(net.A), dtype=torch.float64)
-    for j in reversed(range(N)):
-        y = torch.linalg.solve(I + h * net.A, y - h * (j * h) * net.b[:, None])
     assert worst.max() <= 1e-10
-    torch.testing.assert_close(z.flatten(1), y.T, rtol=1e-7, atol=1e-8)              # |z| ~ 20: conditioning
+    torch.testing.assert_close(z.flatten(1), _analytic_preimage(net, x, N), rtol=1e-7, atol=1e-8)              # |z| ~ 20: conditioning
 
 
 def test_power_iteration_recovers_spectral_radius():
@@ -122,7 +122,6 @@ def test_unet_round_trip_returns_x_with_small_residual():
     assert (z - x).abs().max() > 1e-2, "the preimage must differ from x: v is not trivial"
 
 
-
 def test_shipped_base_round_trip_is_within_one_grey_level():
     # the acceptance's "on the real base model, T(inverse(x)) returns x": images the 8-step sampler made have an
     # exact preimage; in the last step h v(z) = E[x_1 | z] - z stalls the plain iteration (round trip RMS up to
@@ -135,6 +134,7 @@ def test_shipped_base_round_trip_is_within_one_grey_level():
     back = nc.flow_sample(net, z, args.N)
     assert worst.max() < 1e-2 and nc.rms(back - x).max() < 2 / 255, (worst.max(), nc.rms(back - x).max())
     assert (back - x).abs().max() < 0.1                                            # no pixel off by 5% of the range
+
 
 # -- the corrector ------------------------------------------------------------------------------------------------
 
