@@ -4,6 +4,7 @@ Noise schedules, EMA, the GRAFT acceptance rules (SPEC 2), checkpoints (local pa
 seeding, device / AMP / torch.compile helpers, confidence intervals and atomic JSON output.
 Nothing task-specific lives here.
 """
+import collections
 import contextlib
 import hashlib
 import json
@@ -279,12 +280,14 @@ def train_resumable(path, config, model, ema, opt, batches, loss_fn, total_steps
         print(f"resuming {desc} at step {step} ({wall / 3600:.2f} h so far)")
     net = maybe_compile(model, args.compile)
     gen = torch.Generator().manual_seed(args.seed + step)
-    t_start, wall0, last_save, losses = time.time(), wall, time.time(), []
+    t_start, wall0, last_save = time.time(), wall, time.time()
+    losses = collections.deque(maxlen=100)  # on the device: reading a loss every step would stall a GPU
+    mean_loss = lambda: float(torch.stack(list(losses)).mean()) if losses else None
 
     def save():
         save_checkpoint(path, {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict()}, config,
                         {"step": step, "wall_s": wall, "finished": step >= total_steps,
-                         "loss_last_100": float(np.mean(losses[-100:])) if losses else None,
+                         "loss_last_100": mean_loss(),
                          "hardware": f"{device.type}, {torch.get_num_threads()} threads"})
 
     bar = tqdm(total=total_steps, initial=step, desc=desc)
@@ -299,10 +302,10 @@ def train_resumable(path, config, model, ema, opt, batches, loss_fn, total_steps
         opt.step()
         ema_update(ema, model, args.ema_decay)
         step += 1
-        losses.append(loss.item())
+        losses.append(loss.detach())
         bar.update(1)
         if step % 100 == 0:
-            bar.set_postfix(loss=f"{np.mean(losses[-100:]):.4f}")
+            bar.set_postfix(loss=f"{mean_loss():.4f}")
         now = time.time()
         wall = wall0 + now - t_start
         done = step >= total_steps or (args.max_minutes is not None and now - t_start > 60 * args.max_minutes)
@@ -311,7 +314,7 @@ def train_resumable(path, config, model, ema, opt, batches, loss_fn, total_steps
             last_save = now
         if done:
             break
-    if not losses and not os.path.exists(path):
+    if step == 0 and not os.path.exists(path):
         save()
     bar.close()
     return step
@@ -322,8 +325,7 @@ def train_resumable(path, config, model, ema, opt, batches, loss_fn, total_steps
 @torch.no_grad()
 def ema_update(ema_model, model, decay):
     """ema <- decay * ema + (1 - decay) * model, parameters and buffers alike."""
-    for e, p in zip(ema_model.parameters(), model.parameters()):
-        e.lerp_(p.detach(), 1 - decay)
+    torch._foreach_lerp_(list(ema_model.parameters()), [p.detach() for p in model.parameters()], 1 - decay)
     for e, b in zip(ema_model.buffers(), model.buffers()):
         e.copy_(b)
 

@@ -179,6 +179,21 @@ def test_top_k_acceptance_matches_order_statistics():
     assert emp_tail == pytest.approx(formula_tail, rel=0.08)
 
 
+# -- EMA ---------------------------------------------------------------------------------------------------
+
+def test_ema_update_is_the_exponential_average_of_parameters_and_copies_buffers():
+    torch.manual_seed(0)
+    model, ema = torch.nn.BatchNorm1d(3), torch.nn.BatchNorm1d(3)
+    for p in list(model.parameters()) + list(ema.parameters()):
+        p.data.normal_()
+    model.running_mean.normal_()
+    before = [e.clone() for e in ema.parameters()]
+    common.ema_update(ema, model, 0.9)
+    for e, e0, p in zip(ema.parameters(), before, model.parameters()):
+        torch.testing.assert_close(e, 0.9 * e0 + 0.1 * p)
+    torch.testing.assert_close(ema.running_mean, model.running_mean)
+
+
 # -- checkpoints ---------------------------------------------------------------------------------------------
 
 def _tiny_state(out=8, seed=0):
