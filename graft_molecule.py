@@ -543,7 +543,7 @@ def plot_rounds(out, rounds, reference):
     ax.plot(x, [reference["metrics"]["mol_stable"]["mean"]] + [r["mol_stable"] for r in rounds], "o-",
             label="molecule stability of the round's samples")
     ax.plot(x, [reference["metrics"]["unique"]["mean"]] + [r["unique"] for r in rounds], "s--", label="uniqueness")
-    ax.set_xlabel("round (0 = reference)"), ax.legend(fontsize=8), ax.grid(alpha=0.3)
+    ax.set_xticks(x), ax.set_xlabel("round (0 = reference)"), ax.legend(fontsize=8), ax.grid(alpha=0.3)
     fig.tight_layout(), fig.savefig(os.path.join(out, "rounds.png"), dpi=120), plt.close(fig)
 
 
