@@ -9,8 +9,9 @@
 
 A pixel-space rectified flow (t = 0 noise, t = 1 data) is sampled by forward Euler with N steps: that map T is the
 deployed sampler. Each training image x is pulled back through exactly T (backward Euler, a fixed point solved
-with Anderson mixing), which gives the noise T would need to produce x: the *inverse noise*. A small corrector flow learns to
-sample those noises from N(0, I); corrector then base is a sampler whose errors the inversion has accounted for.
+with Anderson mixing), which gives the noise T would need to produce x: the *inverse noise*. A small corrector flow
+learns to sample those noises from N(0, I); corrector then base is a sampler whose errors the inversion has
+accounted for.
 """
 import argparse
 import gzip
@@ -368,7 +369,8 @@ def anderson_mix(Zh, Gh, idx, k, z, g):
     Zh[idx, k % m], Gh[idx, k % m] = z.flatten(1), g.flatten(1)
     Fr = Gh[idx, :n] - Zh[idx, :n]                                                         # (b, n, D) residuals
     H = (Fr @ Fr.transpose(1, 2)).double()                                                  # (b, n, n) Gram matrix
-    H = H + (1e-8 * H.diagonal(dim1=1, dim2=2).mean(1) + 1e-30).view(-1, 1, 1) * torch.eye(n).to(H)  # Tikhonov
+    eye = torch.eye(n, dtype=H.dtype, device=H.device)  # made on the device: this runs every iteration
+    H = H + (1e-8 * H.diagonal(dim1=1, dim2=2).mean(1) + 1e-30).view(-1, 1, 1) * eye        # Tikhonov, relative
     a = torch.linalg.solve(H, torch.ones(len(idx), n, 1, dtype=H.dtype, device=H.device))
     a = (a / a.sum(1, keepdim=True)).to(g.dtype)                                            # (b, n, 1)
     return (a.transpose(1, 2) @ Gh[idx, :n]).view_as(g)
