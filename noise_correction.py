@@ -4,6 +4,7 @@
     python noise_correction.py --pretrain           # pre-train the base rectified flow (resumable)
     python noise_correction.py --train_corrector    # invert the training set through the sampler, train the corrector
     python noise_correction.py --eval_only          # the base sampler's FID-vs-FLOPs curve only
+    python noise_correction.py --N_c 2,4,8          # several corrector step counts, each against its matched base
     python noise_correction.py --preset paper --data celeba_hq/ --inception pt_inception-2015-12-05-6726825d.pth \
         --device cuda --amp                         # the paper's setting, approximately, on a GPU
 
@@ -91,7 +92,8 @@ def build_parser():
       "without our exactly integrated diagonal-Gaussian part (accurate only with many steps)")
     # sampler, inversion (SPEC 5)
     a("--N", type=int, help="base Euler steps, h = 1/N; the corrector is trained for this N")
-    a("--N_c", type=int, help="corrector steps")
+    a("--N_c", help="corrector steps, comma-separated for several corrected samplers (each with its FLOPs-matched "
+      "base N')")
     a("--base_steps", help="base step counts for the FID-vs-FLOPs curve (the FLOPs-matched N' is added)")
     a("--n_b", type=int, help="fixed-point iterations per backward-Euler step")
     a("--anderson", type=int, default=5, help="Anderson mixing over this many past iterates in the backward-Euler "
@@ -136,7 +138,7 @@ def parse_args(argv=None):
     args = common.parse_with_presets(p, argv, PRESETS)
     if sum([args.pretrain, args.train_corrector, args.eval_only]) > 1:
         p.error("choose at most one of --pretrain, --train_corrector, --eval_only")
-    for k in ("ch", "n_res", "N", "N_c", "n_b", "n_invert", "batch_size", "fid_seeds", "sample_batch", "n_ref",
+    for k in ("ch", "n_res", "N", "n_b", "n_invert", "batch_size", "fid_seeds", "sample_batch", "n_ref",
               "image_size", "max_minutes"):
         if getattr(args, k) is not None and not getattr(args, k) > 0:
             p.error(f"--{k} must be positive, got {getattr(args, k)}")
@@ -149,6 +151,9 @@ def parse_args(argv=None):
     args.ch_mult = tuple(_ints(p, "ch_mult", args.ch_mult))
     args.attn_res = tuple(_ints(p, "attn_res", args.attn_res))
     args.base_steps = sorted(set(_ints(p, "base_steps", args.base_steps)))
+    args.N_c = sorted(set(_ints(p, "N_c", str(args.N_c))))
+    if not args.N_c:
+        p.error("--N_c needs at least one step count")
     if not args.ch_mult:
         p.error("--ch_mult needs at least one level")
     args.fmnist = args.data == "fashion-mnist"
@@ -708,47 +713,53 @@ def plot_side_by_side(panels, path):
 def plot_fid_flops(curve, path, feat_name):
     plt = common.pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for kind, style in (("base", "o-"), ("corrected", "*")):
+    for kind, style in (("base", "o-"), ("corrected", "*-")):
         pts = [c for c in curve if c["sampler"] == kind]
         x, fid = [c["flops_per_image"] for c in pts], [c["metrics"]["fid"] for c in pts]
         if pts:
             ax.errorbar(x, [f["mean"] for f in fid], yerr=[f["std"] or 0 for f in fid], fmt=style, capsize=3,
-                        ms=6 if kind == "base" else 13, label="base (N steps)" if kind == "base" else "corrector N_c + base N")
-            for c, xi, f in zip(pts, x, fid):
+                        ms=6 if kind == "base" else 10, label="base (N steps)" if kind == "base" else "corrector N_c + base N")
+            for c, xi, f in zip(pts, x, fid):  # base labels above right, corrected below left: they sit close
                 ax.annotate(f"{c['N']}" if kind == "base" else f"{c['N_c']}+{c['N']}", (xi, f["mean"]),
-                            textcoords="offset points", xytext=(4, 4), fontsize=7)
-    ax.set_xscale("log"), ax.set_xlabel("FLOPs per image"), ax.set_ylabel("FID")
+                            textcoords="offset points", xytext=(4, 4) if kind == "base" else (-6, -3), fontsize=7,
+                            ha="left" if kind == "base" else "right", va="bottom" if kind == "base" else "top")
+    ax.set_xscale("log"), ax.set_yscale("log"), ax.set_xlabel("FLOPs per image"), ax.set_ylabel("FID (log scale)")
+    ax.yaxis.set_major_locator(plt.matplotlib.ticker.LogLocator(subs=(1, 2, 5)))
+    ax.yaxis.set_major_formatter(plt.matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.yaxis.set_minor_formatter(plt.matplotlib.ticker.NullFormatter())
     ax.set_title(f"FID: {feat_name.split(' (')[0]}", fontsize=8), ax.legend(fontsize=8), ax.grid(alpha=0.3)
     fig.tight_layout(), fig.savefig(path, dpi=130), plt.close(fig)
 
 
-def matched_steps(args, flops):
+def matched_steps(args, flops, N_c):
     """N': the fewest base steps costing at least the corrected sampler's N_c F_corrector + N F_base FLOPs."""
-    return math.ceil((args.N * flops["base"] + args.N_c * flops["corrector"]) / flops["base"] - 1e-9)
+    return math.ceil((args.N * flops["base"] + N_c * flops["corrector"]) / flops["base"] - 1e-9)
 
 
-def base_step_counts(args, N_match=None):
-    """The base sampler's step counts on the FID-vs-FLOPs curve: --base_steps, N, and N' when there is a corrector."""
-    return sorted(set(args.base_steps) | {args.N} | ({N_match} if N_match else set()))
+def base_step_counts(args, N_match=()):
+    """The base sampler's step counts on the FID-vs-FLOPs curve: --base_steps, N, and each N' of a corrected sampler."""
+    return sorted(set(args.base_steps) | {args.N} | set(N_match))
 
 
 def fid_vs_flops(args, base, corrector, data, flops, N_match, shape, device):
-    """The base at every step count of the curve (and at the FLOPs-matched N'), then the corrected sampler: FID over
-    fid_seeds seeds each, from the same noises; PNGs of base, corrected and matched base side by side."""
+    """The base at every step count of the curve (and at each FLOPs-matched N'), then the corrected sampler at each
+    N_c: FID over fid_seeds seeds each, from the same noises; PNGs of base, corrected and matched base side by side."""
     feat, feat_name, feat_tag = feature_network(args, data, device)
     ref_stats = reference_stats(args, data, feat, feat_tag)
     print(f"FID: {feat_name}; reference: {data['ref_name']}; {args.n_eval:,} samples x {args.fid_seeds} seeds per point")
     curve, grids = [], {}
-    for N in base_step_counts(args, N_match if corrector is not None else None):
+    for N in base_step_counts(args, N_match.values() if corrector is not None else ()):
         pt, grids[N] = evaluate_point(args, base, None, N, 0, flops, feat, ref_stats, shape, device)
         curve.append(pt)
     fid = {c["N"]: c["metrics"]["fid"]["mean"] for c in curve}
     panels = [(f"base N={args.N}, FID {fid[args.N]:.1f}", grids[args.N])]
-    if corrector is not None:
-        pt, imgs = evaluate_point(args, base, corrector, args.N, args.N_c, flops, feat, ref_stats, shape, device)
+    for N_c in (args.N_c if corrector is not None else ()):
+        pt, imgs = evaluate_point(args, base, corrector, args.N, N_c, flops, feat, ref_stats, shape, device)
         curve.append(pt)
-        panels += [(f"corrected N_c={args.N_c} + N={args.N}, FID {pt['metrics']['fid']['mean']:.1f}", imgs),
-                   (f"base N'={N_match} (matched FLOPs), FID {fid[N_match]:.1f}", grids[N_match])]
+        panels.append((f"corrected N_c={N_c} + N={args.N}, FID {pt['metrics']['fid']['mean']:.1f}", imgs))
+    if corrector is not None:  # the matched base of the largest N_c
+        panels.append((f"base N'={N_match[args.N_c[-1]]} (FLOPs of {args.N_c[-1]} + {args.N}), "
+                       f"FID {fid[N_match[args.N_c[-1]]]:.1f}", grids[N_match[args.N_c[-1]]]))
     plot_side_by_side(panels, os.path.join(args.out, "samples_base_vs_corrected.png"))
     plot_fid_flops(curve, os.path.join(args.out, "fid_vs_flops.png"), feat_name)
     return curve, feat_name
@@ -776,13 +787,13 @@ def main(argv=None):
     c_cfg = corrector_config(base_cfg, args.corrector_width, args.plain_corrector)
     probe = build_model(c_cfg).to(device)
     flops = {"base": flops_per_forward(base, *shape[:2], device), "corrector": flops_per_forward(probe, *shape[:2], device)}
-    corr_flops = args.N * flops["base"] + args.N_c * flops["corrector"]
-    N_match = matched_steps(args, flops)
+    N_match = {N_c: matched_steps(args, flops, N_c) for N_c in args.N_c}
+    corrected = ", ".join(f"N_c {N_c}: {args.N * flops['base'] + N_c * flops['corrector']:.3e} FLOPs/image, base at "
+                          f"N' = {N_match[N_c]} {N_match[N_c] * flops['base']:.3e}" for N_c in args.N_c)
     print(f"base: {args.ref}, {n_params(base):,} parameters, {flops['base']:.3e} FLOPs/forward, N {args.N} "
           f"(h = {args.h:.4g}); corrector: {n_params(probe):,} parameters ({n_params(probe) / n_params(base):.3f} of the "
-          f"base), {flops['corrector']:.3e} FLOPs/forward, N_c {args.N_c}; corrected sampler {corr_flops:.3e} "
-          f"FLOPs/image, base at N' = {N_match} {N_match * flops['base']:.3e}; inverting {args.n_invert:,} images "
-          f"takes <= {args.n_invert * args.N * (args.n_b + 1):,} forwards")
+          f"base), {flops['corrector']:.3e} FLOPs/forward; corrected samplers {corrected}; inverting "
+          f"{args.n_invert:,} images takes <= {args.n_invert * args.N * (args.n_b + 1):,} forwards")
     base = common.maybe_compile(base, args.compile)
     corrector, inversion = None, None
     if not args.eval_only:  # SPEC 5: invert the training set, train the corrector (once per base and N)
@@ -798,14 +809,16 @@ def main(argv=None):
                "fid_network": feat_name, "fid_reference": data["ref_name"], "flops_per_forward": flops,
                "params": {"base": n_params(base), "corrector": n_params(probe)},
                "reference": next(c for c in curve if c["sampler"] == "base" and c["N"] == args.N)}
-    if corrector is not None:
-        pt, m = curve[-1], next(c for c in curve if c["sampler"] == "base" and c["N"] == N_match)
-        f_c, f_b = pt["metrics"]["fid"]["mean"], m["metrics"]["fid"]["mean"]
-        results |= {"finetuned": pt, "inversion": inversion,
-                    "matched": {"corrected": pt, "base": m, "corrected_fid_lower": f_c < f_b,
-                                "flops_ratio": pt["flops_per_image"] / m["flops_per_image"]}}
-        print(f"at matched FLOPs: corrected FID {f_c:.2f} ({pt['flops_per_image']:.3e} FLOPs/image) vs base "
-              f"N'={N_match} FID {f_b:.2f} ({m['flops_per_image']:.3e})")
+    if corrector is not None:  # each corrected sampler against the cheapest base with at least its FLOPs
+        matched = []
+        for pt in (c for c in curve if c["sampler"] == "corrected"):
+            m = next(c for c in curve if c["sampler"] == "base" and c["N"] == N_match[pt["N_c"]])
+            f_c, f_b = pt["metrics"]["fid"]["mean"], m["metrics"]["fid"]["mean"]
+            matched.append({"corrected": pt, "base": m, "corrected_fid_lower": f_c < f_b,
+                            "flops_ratio": pt["flops_per_image"] / m["flops_per_image"]})
+            print(f"at matched FLOPs: corrected {pt['N_c']} + {args.N} FID {f_c:.2f} ({pt['flops_per_image']:.3e} "
+                  f"FLOPs/image) vs base N'={m['N']} FID {f_b:.2f} ({m['flops_per_image']:.3e})")
+        results |= {"finetuned": matched[-1]["corrected"], "inversion": inversion, "matched": matched}
     results["curve"] = curve
     results["compute"] = {"samples": sum(c["n_samples"] * args.fid_seeds for c in curve),
                           "nfe_sampling": sum(c["n_samples"] * args.fid_seeds * c["nfe"] for c in curve),

@@ -361,16 +361,18 @@ def test_pretrain_resumes_and_main_writes_matched_flops_comparison(tiny_data, tm
     assert set(slim["state_dicts"]) == {"ema"} and (pre / "samples.png").exists()
     out = tmp_path / "run"
     res = nc.main(["--ref", str(pre / "ref.pt"), "--out", str(out), "--n_invert", "20", "--corrector_steps", "3",
-                   "--n_eval", "12", "--fid_seeds", "2", "--base_steps", "2"] + _tiny_flags(tmp_path))
+                   "--n_eval", "12", "--fid_seeds", "2", "--base_steps", "2"] + _tiny_flags(tmp_path) + ["--N_c", "2,1"])
     on_disk = json.loads((out / "results.json").read_text())
     assert on_disk["task"] == "noise_correction" and on_disk["method"] == "inverse_noise_correction"
     for k in ("reference", "finetuned", "matched", "curve", "inversion", "fid_network", "fid_reference", "compute"):
         assert k in on_disk, k
-    m = res["matched"]
-    f_base = res["flops_per_forward"]["base"]                              # N' is the smallest N' with >= FLOPs
-    assert m["base"]["flops_per_image"] >= m["corrected"]["flops_per_image"] > m["base"]["flops_per_image"] - f_base
-    assert m["corrected"]["nfe"] == 4 + 2 and len(m["corrected"]["metrics"]["fid"]["per_seed"]) == 2
-    assert {c["N"] for c in res["curve"] if c["sampler"] == "base"} == {2, 4, m["base"]["N"]}
+    f_base = res["flops_per_forward"]["base"]
+    for N_c, m in zip((1, 2), res["matched"]):                             # one comparison per N_c, in order
+        assert m["corrected"]["N_c"] == N_c and m["corrected"]["nfe"] == 4 + N_c     # N' is the smallest with >= FLOPs
+        assert m["base"]["flops_per_image"] >= m["corrected"]["flops_per_image"] > m["base"]["flops_per_image"] - f_base
+        assert len(m["corrected"]["metrics"]["fid"]["per_seed"]) == 2
+    assert res["finetuned"] == res["matched"][-1]["corrected"]
+    assert {c["N"] for c in res["curve"] if c["sampler"] == "base"} == {2, 4} | {m["base"]["N"] for m in res["matched"]}
     assert res["inversion"]["n_inverted"] == 20 and "hL_max" in res["inversion"]
     for png in ("fid_vs_flops.png", "samples_base_vs_corrected.png"):
         assert (out / png).stat().st_size > 1000
@@ -384,7 +386,8 @@ def test_pretrain_resumes_and_main_writes_matched_flops_comparison(tiny_data, tm
 
 # -- command line errors ------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("argv", [["--N", "0"], ["--N_c", "-1"], ["--n_b", "0"], ["--tol", "-1"], ["--sigma", "-0.1"],
+@pytest.mark.parametrize("argv", [["--N", "0"], ["--N_c", "-1"], ["--N_c", "4,x"], ["--N_c", ""], ["--n_b", "0"],
+                                  ["--tol", "-1"], ["--sigma", "-0.1"],
                                   ["--base_steps", "4,x"], ["--base_steps", "0"], ["--ch_mult", ""], ["--n_eval", "1"],
                                   ["--corrector_width", "0"], ["--image_size", "28"], ["--data", "/no/such/dir"],
                                   ["--pretrain", "--eval_only"], ["--data", "."], ["--max_minutes", "0"],
