@@ -818,6 +818,7 @@ def main(argv=None):
                             "flops_ratio": pt["flops_per_image"] / m["flops_per_image"]})
             print(f"at matched FLOPs: corrected {pt['N_c']} + {args.N} FID {f_c:.2f} ({pt['flops_per_image']:.3e} "
                   f"FLOPs/image) vs base N'={m['N']} FID {f_b:.2f} ({m['flops_per_image']:.3e})")
+        # "finetuned" is the largest N_c: the corrector integrated most accurately
         results |= {"finetuned": matched[-1]["corrected"], "inversion": inversion, "matched": matched}
     results["curve"] = curve
     results["compute"] = {"samples": sum(c["n_samples"] * args.fid_seeds for c in curve),

@@ -367,6 +367,7 @@ def test_pretrain_resumes_and_main_writes_matched_flops_comparison(tiny_data, tm
     for k in ("reference", "finetuned", "matched", "curve", "inversion", "fid_network", "fid_reference", "compute"):
         assert k in on_disk, k
     f_base = res["flops_per_forward"]["base"]
+    assert len(res["matched"]) == 2
     for N_c, m in zip((1, 2), res["matched"]):                             # one comparison per N_c, in order
         assert m["corrected"]["N_c"] == N_c and m["corrected"]["nfe"] == 4 + N_c     # N' is the smallest with >= FLOPs
         assert m["base"]["flops_per_image"] >= m["corrected"]["flops_per_image"] > m["base"]["flops_per_image"] - f_base
