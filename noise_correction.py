@@ -690,7 +690,7 @@ def evaluate_point(args, base, corrector, N, N_c, flops, feat, ref_stats, shape,
         first = imgs[:64] if first is None else first
     fid = dict(common.mean_ci95(fids), per_seed=fids, std=float(np.std(fids, ddof=1)) if len(fids) > 1 else None)
     point = {"sampler": "corrected" if corrector is not None else "base", "N": N, "N_c": N_c, "nfe": N + N_c,
-             "flops_per_image": N * flops["base"] + N_c * flops.get("corrector", 0), "n_samples": args.n_eval,
+             "flops_per_image": sampler_flops(flops, N, N_c), "n_samples": args.n_eval,
              "wall_s": time.time() - t0, "metrics": {"fid": fid}}
     sd = f" ± {fid['std']:.2f} (std over {len(fids)} seeds)" if len(fids) > 1 else ""
     print(f"{point['sampler']:>9}  N {N:>4}  N_c {N_c:>4}  FLOPs/image {point['flops_per_image']:.3e}  "
@@ -713,16 +713,18 @@ def plot_side_by_side(panels, path):
 def plot_fid_flops(curve, path, feat_name):
     plt = common.pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for kind, style in (("base", "o-"), ("corrected", "*-")):
+    # base labels above right, corrected below left: the two curves sit close
+    for kind, style, ms, label, text in (("base", "o-", 6, "base (N steps)", dict(xytext=(4, 4), ha="left", va="bottom")),
+                                         ("corrected", "*-", 10, "corrector N_c + base N",
+                                          dict(xytext=(-6, -3), ha="right", va="top"))):
         pts = [c for c in curve if c["sampler"] == kind]
         x, fid = [c["flops_per_image"] for c in pts], [c["metrics"]["fid"] for c in pts]
         if pts:
-            ax.errorbar(x, [f["mean"] for f in fid], yerr=[f["std"] or 0 for f in fid], fmt=style, capsize=3,
-                        ms=6 if kind == "base" else 10, label="base (N steps)" if kind == "base" else "corrector N_c + base N")
-            for c, xi, f in zip(pts, x, fid):  # base labels above right, corrected below left: they sit close
+            ax.errorbar(x, [f["mean"] for f in fid], yerr=[f["std"] or 0 for f in fid], fmt=style, capsize=3, ms=ms,
+                        label=label)
+            for c, xi, f in zip(pts, x, fid):
                 ax.annotate(f"{c['N']}" if kind == "base" else f"{c['N_c']}+{c['N']}", (xi, f["mean"]),
-                            textcoords="offset points", xytext=(4, 4) if kind == "base" else (-6, -3), fontsize=7,
-                            ha="left" if kind == "base" else "right", va="bottom" if kind == "base" else "top")
+                            textcoords="offset points", fontsize=7, **text)
     ax.set_xscale("log"), ax.set_yscale("log"), ax.set_xlabel("FLOPs per image"), ax.set_ylabel("FID (log scale)")
     ax.yaxis.set_major_locator(plt.matplotlib.ticker.LogLocator(subs=(1, 2, 5)))
     ax.yaxis.set_major_formatter(plt.matplotlib.ticker.FormatStrFormatter("%g"))
@@ -731,9 +733,14 @@ def plot_fid_flops(curve, path, feat_name):
     fig.tight_layout(), fig.savefig(path, dpi=130), plt.close(fig)
 
 
+def sampler_flops(flops, N, N_c=0):
+    """FLOPs per image: N F_base for the base, N_c F_corrector + N F_base for corrector then base."""
+    return N * flops["base"] + N_c * flops.get("corrector", 0)
+
+
 def matched_steps(args, flops, N_c):
-    """N': the fewest base steps costing at least the corrected sampler's N_c F_corrector + N F_base FLOPs."""
-    return math.ceil((args.N * flops["base"] + N_c * flops["corrector"]) / flops["base"] - 1e-9)
+    """N': the fewest base steps costing at least the corrected sampler's FLOPs."""
+    return math.ceil(sampler_flops(flops, args.N, N_c) / flops["base"] - 1e-9)
 
 
 def base_step_counts(args, N_match=()):
@@ -758,8 +765,8 @@ def fid_vs_flops(args, base, corrector, data, flops, N_match, shape, device):
         curve.append(pt)
         panels.append((f"corrected N_c={N_c} + N={args.N}, FID {pt['metrics']['fid']['mean']:.1f}", imgs))
     if corrector is not None:  # the matched base of the largest N_c
-        panels.append((f"base N'={N_match[args.N_c[-1]]} (FLOPs of {args.N_c[-1]} + {args.N}), "
-                       f"FID {fid[N_match[args.N_c[-1]]]:.1f}", grids[N_match[args.N_c[-1]]]))
+        N_c, N1 = args.N_c[-1], N_match[args.N_c[-1]]
+        panels.append((f"base N'={N1} (FLOPs of {N_c} + {args.N}), FID {fid[N1]:.1f}", grids[N1]))
     plot_side_by_side(panels, os.path.join(args.out, "samples_base_vs_corrected.png"))
     plot_fid_flops(curve, os.path.join(args.out, "fid_vs_flops.png"), feat_name)
     return curve, feat_name
@@ -783,12 +790,12 @@ def main(argv=None):
     if base_cfg["gauss_skip"] or shape[0] != data["channels"] or shape[1] != args.image_size:
         raise SystemExit(f"noise_correction: {args.ref} is not a base flow for {data['channels']}-channel "
                          f"{args.image_size}px images; pass the matching --ref, --data or --image_size")
-    # FLOPs per image: N F_base for the base, N_c F_corrector + N F_base corrected; N' matches the latter
+    # FLOPs per forward of each network; N' is the cheapest base with at least a corrected sampler's FLOPs
     c_cfg = corrector_config(base_cfg, args.corrector_width, args.plain_corrector)
     probe = build_model(c_cfg).to(device)
     flops = {"base": flops_per_forward(base, *shape[:2], device), "corrector": flops_per_forward(probe, *shape[:2], device)}
     N_match = {N_c: matched_steps(args, flops, N_c) for N_c in args.N_c}
-    corrected = ", ".join(f"N_c {N_c}: {args.N * flops['base'] + N_c * flops['corrector']:.3e} FLOPs/image, base at "
+    corrected = ", ".join(f"N_c {N_c}: {sampler_flops(flops, args.N, N_c):.3e} FLOPs/image, base at "
                           f"N' = {N_match[N_c]} {N_match[N_c] * flops['base']:.3e}" for N_c in args.N_c)
     print(f"base: {args.ref}, {n_params(base):,} parameters, {flops['base']:.3e} FLOPs/forward, N {args.N} "
           f"(h = {args.h:.4g}); corrector: {n_params(probe):,} parameters ({n_params(probe) / n_params(base):.3f} of the "
