@@ -48,7 +48,8 @@ PRESETS = {
     # FLOPs per forward (3.6 ms per image on one core), so the default evaluation (2,000 samples x 3 seeds for the
     # base at N = 2, 4, 8, the FLOPs-matched 11, and the corrected 8 + 8) takes about 15 minutes.
     # N = 8 [ours]: few enough steps to leave a discretisation error for the corrector to remove, with h = 1/8 for
-    # the inversion's h L < 1 (the paper: N = 200 at 256x256).
+    # the inversion's h L < 1 (the paper: N = 200 at 256x256). At N = 32, where the base's FID has flattened, the
+    # corrector made FID worse (README, "Many steps").
     # n_invert 5,000 [ours, measured]: inverting costs ~0.3 s per image on one core, mostly in the last step
     # (t = 7/8 -> 1), where h v(z) = E[x_1 | z] - z has slow directions: every image there runs to n_b.
     "cpu": dict(image_size=32, ch=16, ch_mult="1,2,4", n_res=1, attn_res="", N=8, N_c=8, base_steps="2,4,8",

@@ -123,13 +123,13 @@ def test_unet_round_trip_returns_x_with_small_residual():
 
 
 def test_shipped_base_round_trip_is_within_one_grey_level():
-    # the acceptance's "on the real base model, T(inverse(x)) returns x": images the 8-step sampler made have an
+    # the acceptance's "on the real base model, T(inverse(x)) returns x": images the N-step sampler made have an
     # exact preimage; in the last step h v(z) = E[x_1 | z] - z stalls the plain iteration (round trip RMS up to
     # 0.56 measured), Anderson mixing with the cpu preset's n_b and tol brings it under one grey level (2/255)
     net = nc.load_flow(nc.DEFAULT_REF, "cpu", "base")[0]
-    torch.manual_seed(0)
-    x = nc.flow_sample(net, torch.randn(8, 1, 32, 32), 8)                          # (8, 1, 32, 32) in [-1, 1]
     args = nc.parse_args([])
+    torch.manual_seed(0)
+    x = nc.flow_sample(net, torch.randn(8, 1, 32, 32), args.N)                     # (8, 1, 32, 32) in [-1, 1]
     z, worst, _, _ = nc.invert(net, x, args.N, args.n_b, args.tol, args.anderson)
     back = nc.flow_sample(net, z, args.N)
     assert worst.max() < 1e-2 and nc.rms(back - x).max() < 2 / 255, (worst.max(), nc.rms(back - x).max())
