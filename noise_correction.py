@@ -735,7 +735,8 @@ def plot_fid_flops(curve, path, feat_name):
 
 
 def sampler_flops(flops, N, N_c=0):
-    """FLOPs per image: N F_base for the base, N_c F_corrector + N F_base for corrector then base."""
+    """FLOPs per image: N F_base for the base, N_c F_corrector + N F_base for corrector then base (any per-forward
+    cost works, e.g. seconds)."""
     return N * flops["base"] + N_c * flops.get("corrector", 0)
 
 
@@ -752,20 +753,21 @@ def base_step_counts(args, N_match=()):
 def fid_vs_flops(args, base, corrector, data, flops, N_match, shape, device):
     """The base at every step count of the curve (and at each FLOPs-matched N'), then the corrected sampler at each
     N_c: FID over fid_seeds seeds each, from the same noises; PNGs of base, corrected and matched base side by side."""
+    N_match = N_match if corrector is not None else {}                     # {N_c: N'}, empty for the base alone
     feat, feat_name, feat_tag = feature_network(args, data, device)
     ref_stats = reference_stats(args, data, feat, feat_tag)
     print(f"FID: {feat_name}; reference: {data['ref_name']}; {args.n_eval:,} samples x {args.fid_seeds} seeds per point")
     curve, grids = [], {}
-    for N in base_step_counts(args, N_match.values() if corrector is not None else ()):
+    for N in base_step_counts(args, N_match.values()):
         pt, grids[N] = evaluate_point(args, base, None, N, 0, flops, feat, ref_stats, shape, device)
         curve.append(pt)
     fid = {c["N"]: c["metrics"]["fid"]["mean"] for c in curve}
     panels = [(f"base N={args.N}, FID {fid[args.N]:.1f}", grids[args.N])]
-    for N_c in (args.N_c if corrector is not None else ()):
+    for N_c in N_match:
         pt, imgs = evaluate_point(args, base, corrector, args.N, N_c, flops, feat, ref_stats, shape, device)
         curve.append(pt)
         panels.append((f"corrected N_c={N_c} + N={args.N}, FID {pt['metrics']['fid']['mean']:.1f}", imgs))
-    if corrector is not None:  # the matched base of the largest N_c
+    if N_match:  # the matched base of the largest N_c
         N_c, N1 = args.N_c[-1], N_match[args.N_c[-1]]
         panels.append((f"base N'={N1} (FLOPs of {N_c} + {args.N}), FID {fid[N1]:.1f}", grids[N1]))
     plot_side_by_side(panels, os.path.join(args.out, "samples_base_vs_corrected.png"))

@@ -100,8 +100,10 @@ def noise(quick):
     # (N_c corrector forwards, then N base forwards); n_eval images x fid_seeds FIDs each
     flops = {"base": nc.flops_per_forward(base, 1, args.image_size, torch.device("cpu")),
              "corrector": nc.flops_per_forward(corr, 1, args.image_size, torch.device("cpu"))}
-    base_forwards = sum(nc.base_step_counts(args, [nc.matched_steps(args, flops, N_c) for N_c in args.N_c]))
-    est = (base_forwards * base_s + sum(args.N * base_s + N_c * corr_s for N_c in args.N_c)) * args.n_eval * args.fid_seeds
+    secs = {"base": base_s, "corrector": corr_s}                     # sampler_flops is linear: seconds work too
+    est = (sum(nc.sampler_flops(secs, N) for N in nc.base_step_counts(args, [nc.matched_steps(args, flops, N_c)
+                                                                            for N_c in args.N_c]))
+           + sum(nc.sampler_flops(secs, args.N, N_c) for N_c in args.N_c)) * args.n_eval * args.fid_seeds
     return {"task": "noise_correction", "what": f"cpu preset, batch {B}", "base_forwards_per_s": 1 / base_s,
             "corrector_forwards_per_s": 1 / corr_s,
             "flops_per_forward": flops["base"],
