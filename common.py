@@ -85,11 +85,17 @@ def gaussian_logp(z, mean, std, mask):
     return lp.sum((1, 2)) / (mask.sum(1) * z.shape[-1])
 
 
-def train_on_accepted(ft, opt, x_acc, n_acc, abar, t_lo, t_hi, abar_s, steps, batch, amp, noise=gaussian_noise):
+def train_on_accepted(ft, opt, x_acc, n_acc, abar, t_lo, t_hi, abar_s, steps, batch, amp, noise=gaussian_noise,
+                      ema_decay=0.0):
     """GRAFT / P-GRAFT training on one round's accepted states x_acc (K, n_max, D) with n_acc (K,) real elements:
-    shaped_loss for t in [t_lo, t_hi]; one gradient call = one (x_t, t) pair. Returns the gradient calls."""
+    shaped_loss for t in [t_lo, t_hi]; one gradient call = one (x_t, t) pair. Returns the gradient calls.
+    ema_decay > 0: the round ends on the EMA of its Adam iterates, started from the round's first weights (Polyak
+    averaging). Why: a round takes many epochs over a few hundred samples, and the last raw iterate carries that
+    noise into the next round's sampler, where it compounds (measured on layouts: README)."""
     dev = next(ft.parameters()).device
     mask_all = torch.arange(x_acc.shape[1])[None] < torch.as_tensor(n_acc)[:, None]   # (K, n_max)
+    params = list(ft.parameters())
+    avg = [p.detach().clone() for p in params] if ema_decay > 0 else None
     ft.train()
     for _ in tqdm(range(steps), desc="fine-tuning", leave=False):
         idx = torch.randint(len(x_acc), (batch,))
@@ -101,6 +107,11 @@ def train_on_accepted(ft, opt, x_acc, n_acc, abar, t_lo, t_hi, abar_s, steps, ba
         loss.backward()
         torch.nn.utils.clip_grad_norm_(ft.parameters(), 1.0)
         opt.step()
+        if avg is not None:
+            torch._foreach_lerp_(avg, [p.detach() for p in params], 1 - ema_decay)
+    if avg is not None:
+        with torch.no_grad():
+            torch._foreach_copy_(params, avg)
     ft.eval()
     return steps * batch
 
@@ -191,6 +202,8 @@ def add_finetuning_args(a, unit):
       "reference (one tilt); DDPO always samples on-policy")
     a("--ft_steps", type=int, help="fine-tuning gradient steps per round")
     a("--ft_lr", type=float, default=1e-4, help="fine-tuning learning rate (Adam)")
+    a("--ft_ema", type=float, help="GRAFT: each round keeps the EMA of its fine-tuning iterates with this decay "
+      "(0 keeps the last iterate; DDPO always keeps it)")
     a("--ddpo_lr", type=float, default=1e-5, help="DDPO learning rate (full fine-tuning, lower than LoRA's 3e-4)")
     a("--ddpo_batch", type=int, default=50, help="trajectories per DDPO gradient step")
     a("--ddpo_steps_frac", type=float, default=0.1, help="fraction of sampler steps trained per trajectory")
@@ -202,7 +215,7 @@ def add_finetuning_args(a, unit):
 
 # the settings a fine-tuning run's state.pt must share with the command that resumes it
 RESUME_KEYS = ("algo", "n_i", "rp", "M", "K", "accept", "tau", "dedup", "stratify", "sample_from", "ft_steps",
-               "ft_lr", "reward", "N", "T", "seed", "batch_size", "ddpo_lr", "ddpo_batch", "ddpo_steps_frac", "ddpo_clip")
+               "ft_lr", "ft_ema", "reward", "N", "T", "seed", "batch_size", "ddpo_lr", "ddpo_batch", "ddpo_steps_frac", "ddpo_clip")
 
 
 def plan(method, args, tau, T):
@@ -211,7 +224,8 @@ def plan(method, args, tau, T):
             else args.ft_steps * args.batch_size)
     rule = {"top_k": f"Top-{args.K} of M {args.M} (K/M {args.K / args.M:.2f})", "best_of_n": f"Best-of-{args.M}",
             "threshold": f"r >= {args.tau} of M {args.M}"}[args.accept]
-    accept = "on-policy policy gradient" if args.algo == "ddpo" else f"{rule}, dedup {args.dedup}"
+    accept = ("on-policy policy gradient" if args.algo == "ddpo"
+              else f"{rule}, dedup {args.dedup}, EMA of each round's iterates {args.ft_ema}")
     return (f"{method}: {accept}, rounds {args.rounds}, N {args.N}, N_I {args.N_I}, s = tau_N_I = "
             f"{int(tau[args.N_I])}/{T}, reward {args.reward}; per round: NFE {args.M * (args.N + 1):,}, "
             f"gradient calls {grad:,}")
@@ -244,6 +258,8 @@ def check_finetuning_args(p, args, rewards, positive=()):
             p.error(f"--{k} must be positive, got {getattr(args, k)}")
     if min(args.ft_steps, args.train_steps) < 0:
         p.error("--ft_steps and --train_steps must be >= 0")
+    if not 0 <= args.ft_ema < 1:
+        p.error(f"--ft_ema must be in [0, 1), got {args.ft_ema}")
     if args.K > args.M or args.N > args.T:
         p.error(f"need --K <= --M and --N <= --T, got K {args.K}, M {args.M}, N {args.N}, T {args.T}")
     if args.reward not in rewards:

@@ -40,10 +40,10 @@ DEFAULT_REF = os.path.join(HERE, "checkpoints", "qm9_egnn_cpu.pt")
 PRESETS = {
     # small enough to sample ~1,000 molecules in a few minutes on 2 CPU cores
     "cpu": dict(nf=64, n_layers=4, N=250, n_eval=1000, M=500, K=100, rounds=3, ft_steps=150,
-                batch_size=64, lr=5e-4, ema_decay=0.999, train_steps=200_000),
+                ft_ema=0.0, batch_size=64, lr=5e-4, ema_decay=0.999, train_steps=200_000),
     # EDM's QM9 model (nf 256, 9 layers): its released checkpoint loads into this size
     "paper": dict(nf=256, n_layers=9, N=1000, n_eval=10_000, M=10_000, K=1_000, rounds=4, ft_steps=2_000,
-                  batch_size=64, lr=1e-4, ema_decay=0.9999, train_steps=1_500_000),
+                  ft_ema=0.0, batch_size=64, lr=1e-4, ema_decay=0.9999, train_steps=1_500_000),
 }
 
 
@@ -473,7 +473,8 @@ def finetune(args, ref, ref_cfg, abar, hist, device):
             if n_acc == 0:
                 raise SystemExit(f"graft_molecule: round {rnd + 1} accepted no sample; lower --tau or raise --M")
             grad = common.train_on_accepted(ft, opt, res["x_s"][save_k][acc], n_atoms[acc.numpy()], abar, t_lo, t_hi,
-                                            abar_s, args.ft_steps, args.batch_size, args.amp, noise=sample_noise)
+                                            abar_s, args.ft_steps, args.batch_size, args.amp, noise=sample_noise,
+                                            ema_decay=args.ft_ema)
         valid = [m.smiles for m in mols if m.smiles is not None]
         wall = time.time() - t0
         compute = {"samples": compute["samples"] + args.M, "nfe_sampling": compute["nfe_sampling"] + args.M * (args.N + 1),

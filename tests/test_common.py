@@ -194,6 +194,42 @@ def test_ema_update_is_the_exponential_average_of_parameters_and_copies_buffers(
     torch.testing.assert_close(ema.running_mean, model.running_mean)
 
 
+class _TinyEps(torch.nn.Module):
+    """eps(z, t, mask) for train_on_accepted: a linear map of z plus a linear function of t."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.tw = torch.nn.Linear(3, 3), torch.nn.Parameter(torch.zeros(3))
+
+    def forward(self, z, t, mask):
+        return (self.lin(z) + t[:, None, None] * self.tw) * mask[..., None]
+
+
+@pytest.mark.parametrize("decay", [0.0, 0.7])
+def test_train_on_accepted_ends_on_the_ema_of_its_iterates(decay):
+    """ft_ema: the round's final weights are the EMA (from the round's first weights) of the Adam iterates that the
+    same seeded run without averaging passes through; decay 0 is that run itself."""
+    x, n = torch.randn(6, 4, 3), np.array([4, 3, 2, 4, 1, 2])
+    abar = torch.tensor(common.noise_schedule("cosine", 50), dtype=torch.float32)
+    net = _TinyEps()
+    torch.manual_seed(1)
+    net.lin.weight.data.normal_()
+    raw, avg = _TinyEps(), _TinyEps()
+    raw.load_state_dict(net.state_dict()), avg.load_state_dict(net.state_dict())
+    opt_raw, opt_avg = torch.optim.Adam(raw.parameters(), lr=0.05), torch.optim.Adam(avg.parameters(), lr=0.05)
+    torch.manual_seed(2)
+    expected, iterates = [p.detach().clone() for p in net.parameters()], []
+    for _ in range(4):  # one step per call draws the same random numbers as four steps in one call
+        common.train_on_accepted(raw, opt_raw, x, n, abar, 1, 50, 1.0, 1, 5, False)
+        iterates.append([p.detach().clone() for p in raw.parameters()])
+        expected = [e + (1 - decay) * (p - e) for e, p in zip(expected, iterates[-1])]
+    torch.manual_seed(2)
+    assert common.train_on_accepted(avg, opt_avg, x, n, abar, 1, 50, 1.0, 4, 5, False, ema_decay=decay) == 20
+    for got, want, last in zip(avg.parameters(), expected, iterates[-1]):
+        torch.testing.assert_close(got.detach(), want)
+        assert (decay == 0) == torch.equal(got.detach(), last)   # averaging really moved the weights
+
+
 # -- checkpoints ---------------------------------------------------------------------------------------------
 
 def _tiny_state(out=8, seed=0):

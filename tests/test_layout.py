@@ -344,7 +344,8 @@ def test_rewards_are_plain_functions_and_bad_rewards_stop_the_run():
 @pytest.mark.parametrize("argv", [["--n_i", "1.0"], ["--n_i", "-0.1"], ["--K", "0"], ["--M", "10", "--K", "11"],
                                   ["--reward", "nosuch"], ["--N", "2000"], ["--rp"], ["--accept", "threshold"],
                                   ["--dataset", "rico", "--data", "x"], ["--d_model", "30", "--n_heads", "4"],
-                                  ["--grid", "1"], ["--algo", "nosuch"], ["--stratify", "--accept", "best_of_n"]])
+                                  ["--grid", "1"], ["--algo", "nosuch"], ["--stratify", "--accept", "best_of_n"],
+                                  ["--ft_ema", "1"], ["--ft_ema", "-0.5"]])
 def test_bad_flags_exit_with_code_2(argv, capsys):
     with pytest.raises(SystemExit) as e:
         gl.parse_args(argv)
