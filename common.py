@@ -90,8 +90,8 @@ def train_on_accepted(ft, opt, x_acc, n_acc, abar, t_lo, t_hi, abar_s, steps, ba
     """GRAFT / P-GRAFT training on one round's accepted states x_acc (K, n_max, D) with n_acc (K,) real elements:
     shaped_loss for t in [t_lo, t_hi]; one gradient call = one (x_t, t) pair. Returns the gradient calls.
     ema_decay > 0: the round ends on the EMA of its Adam iterates, started from the round's first weights (Polyak
-    averaging). Why: a round takes many epochs over a few hundred samples, and the last raw iterate carries that
-    noise into the next round's sampler, where it compounds (measured on layouts: README)."""
+    averaging). Why: a round takes many epochs over a few hundred samples, so its last raw iterate is noisy, and
+    the next round samples from it (layouts, README: at K 250 layout FID x2.7 -> x2.1 for the same alignment)."""
     dev = next(ft.parameters()).device
     mask_all = torch.arange(x_acc.shape[1])[None] < torch.as_tensor(n_acc)[:, None]   # (K, n_max)
     params = list(ft.parameters())
@@ -109,9 +109,9 @@ def train_on_accepted(ft, opt, x_acc, n_acc, abar, t_lo, t_hi, abar_s, steps, ba
         opt.step()
         if avg is not None:
             torch._foreach_lerp_(avg, [p.detach() for p in params], 1 - ema_decay)
-    if avg is not None:
-        with torch.no_grad():
-            torch._foreach_copy_(params, avg)
+    with torch.no_grad():
+        for p, a in zip(params, avg or ()):
+            p.copy_(a)
     ft.eval()
     return steps * batch
 

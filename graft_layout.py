@@ -46,9 +46,9 @@ FID_NET_NAME = "graft-layoutnet-v1"
 
 PRESETS = {
     # 1.26M parameters: 1,000 layouts with N = 100 sample in ~35 s on one CPU thread; pre-training runs ~16 steps/s
-    # there. Rounds, ft_steps, K and ft_ema [ours, measured, README]: 6 rounds x 200 steps cut alignment by 79% but
-    # stacked text boxes (overlap +57%, FID x7.5); Top-100 of 1,000 drops titles (overlap +25%); the EMA of each
-    # round's iterates cuts the FID damage of self-training (K 250: x2.7 -> x2.1)
+    # there. Rounds, ft_steps, K and ft_ema [ours, measured on the step-40,150 reference, README]: 6 rounds x 200
+    # steps cut alignment by 79% but stacked text boxes (overlap +57%, FID x7.5); Top-100 of 1,000 drops titles
+    # (overlap +25%); the EMA of each round's iterates cuts the FID damage of self-training (K 250: x2.7 -> x2.1)
     "cpu": dict(d_model=128, n_layers=4, n_heads=4, N=100, n_eval=1000, M=1000, K=250, rounds=2, ft_steps=100,
                 ft_ema=0.98, batch_size=64, lr=5e-4, ema_decay=0.999, train_steps=150_000),
     # a larger denoiser (d 512, 8 layers) and budgets for a GPU; K/M as in "cpu", ft_ema for 20x the steps [untested]
