@@ -109,9 +109,10 @@ def train_on_accepted(ft, opt, x_acc, n_acc, abar, t_lo, t_hi, abar_s, steps, ba
         opt.step()
         if avg is not None:
             torch._foreach_lerp_(avg, [p.detach() for p in params], 1 - ema_decay)
-    with torch.no_grad():
-        for p, a in zip(params, avg or ()):
-            p.copy_(a)
+    if avg is not None:
+        with torch.no_grad():
+            for p, a in zip(params, avg):
+                p.copy_(a)
     ft.eval()
     return steps * batch
 
