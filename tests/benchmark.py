@@ -4,6 +4,7 @@ from them. Prints numbers and asserts nothing: timings live here, not in the tes
     python tests/benchmark.py                 # all three tasks, a few minutes on 2 CPU cores
     python tests/benchmark.py --quick         # fewer samples, noisier numbers
     python tests/benchmark.py --only layout   # one task
+    python tests/benchmark.py --only t2i      # text-to-image: images/s, training step, default run
 
 The estimates are rough: they count sampling and training only (not metrics, RDKit or FID features, nor first-run
 caching; the reference's evaluation is counted, though a later run finds it cached), and time training steps on
@@ -60,7 +61,7 @@ def molecule(quick):
     idx = np.argsort(data["n"])[-args.batch_size:]                             # the largest molecules: worst case
     z, mask = gm.to_features(data["pos"][idx], data["types"][idx], cfg["include_charges"])
     net = gm.build_model(cfg).train()
-    step = train_step_s(net, lambda: common.shaped_loss(net, z, mask, abar, 1, cfg["T"], noise=gm.sample_noise))
+    step = train_step_s(net, lambda: gm.shaped_loss(net, z, mask, abar, 1, cfg["T"]))
     return {"task": "molecule", "what": f"N {args.N}, {n} molecules", "samples_per_s": rate, "train_step_s": step,
             **default_run(args, rate, step)}
 
@@ -78,7 +79,7 @@ def layout(quick):
     idx = np.argsort(data["n"])[-args.batch_size:]
     z, mask = gl.to_features(data["boxes"][idx], data["labels"][idx], cfg["n_classes"])
     net = gl.build_model(cfg).train()
-    step = train_step_s(net, lambda: common.shaped_loss(net, z, mask, abar, 1, cfg["T"]))
+    step = train_step_s(net, lambda: gl.shaped_loss(net, z, mask, abar, 1, cfg["T"]))
     return {"task": "layout", "what": f"N {args.N}, {n} layouts", "samples_per_s": rate, "train_step_s": step,
             **default_run(args, rate, step)}
 
@@ -111,10 +112,34 @@ def noise(quick):
             "default_eval_estimate_min": est / 60}
 
 
+def t2i(quick):
+    import graft_t2i as gt
+    from t2i_world import tokenize
+    args = gt.parse_args([])
+    if os.path.isfile(args.ref):
+        ref, cfg = gt.load_reference(args.ref, torch.device("cpu"))
+    else:                                                   # before the reference is shipped: a fresh model
+        cfg = gt.model_config(args)
+        ref = gt.build_model(cfg).eval()
+    abar, n = gt.make_abar(cfg), 64 if quick else 256
+    prompts = gt.eval_prompts(args)[:n]
+    s = timed(lambda: gt.sample(ref, ref, prompts, abar, args.N, 0, args.eta, args.guidance, args.sample_batch,
+                                torch.Generator().manual_seed(0), size=cfg["image_size"]))
+    rate = n / s
+    train_prompts = gt.draw_prompts(gt.finetune_pools(args), args.batch_size, np.random.default_rng(0))
+    x0, ids = gt.render_prompts(train_prompts, np.random.default_rng(0), cfg["image_size"]), tokenize(train_prompts)
+    net = gt.build_model(cfg).train()
+    step = train_step_s(net, lambda: gt.shaped_loss(net, x0, ids, abar, 1, cfg["T"]))
+    samples = 2 * args.n_eval + args.rounds * args.prompts_per_round * args.M
+    return {"task": "t2i", "what": f"N {args.N}, w {args.guidance} (2 passes per step), {n} images",
+            "images_per_s": rate, "train_step_s": step, "default_run_samples": samples,
+            "default_run_estimate_min": (samples / rate + args.rounds * args.ft_steps * step) / 60}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="fewer samples (noisier numbers)")
-    p.add_argument("--only", choices=["molecule", "layout", "noise_correction"], help="benchmark one task")
+    p.add_argument("--only", choices=["molecule", "layout", "noise_correction", "t2i"], help="benchmark one task")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = p.parse_args()
     if args.threads:
@@ -122,7 +147,7 @@ def main():
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.2f}")
-    for name, fn in (("molecule", molecule), ("layout", layout), ("noise_correction", noise)):
+    for name, fn in (("molecule", molecule), ("layout", layout), ("noise_correction", noise), ("t2i", t2i)):
         if args.only in (None, name):
             r = fn(args.quick)
             print(", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()), flush=True)

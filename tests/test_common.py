@@ -1,4 +1,4 @@
-"""Tests of common.py: schedules, acceptance rules (SPEC 2), checkpoints, confidence intervals."""
+"""Tests of common.py: schedules, acceptance rules (docs/method.md §2), checkpoints, confidence intervals."""
 import json
 import os
 import subprocess
@@ -19,7 +19,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # -- noise schedule ----------------------------------------------------------------------------------------
 
 def _edm_polynomial_schedule(T, s=1e-5, power=2.0):
-    """EDM's polynomial_schedule + clip_noise_schedule (e3_diffusion_for_molecules, diffusion_utils), rewritten."""
+    """EDM's polynomial_schedule + clip_noise_schedule
+    (e3_diffusion_for_molecules, diffusion_utils), rewritten."""
     steps = T + 1
     x = np.linspace(0, steps, steps)
     alphas2 = (1 - (x / steps) ** power) ** 2
@@ -46,7 +47,7 @@ def test_noise_schedules_rejects_unknown_name():
         common.noise_schedule("nosuch", 10)
 
 
-# -- acceptance rules (SPEC 2) -----------------------------------------------------------------------------
+# -- acceptance rules (docs/method.md §2) --------------------------------------------------------------------
 
 def test_accept_top_k_returns_the_k_largest():
     g = torch.Generator().manual_seed(0)
@@ -93,7 +94,8 @@ def test_stratified_top_k_keeps_the_size_histogram_and_ranks_within_each_size():
         assert r[mine].min() >= r[others].max()                                # the best k of that size
     plain = common.accept(r, "top_k", K=100).numpy()
     assert np.mean(sizes[plain] == 8) > 0.5 > np.mean(sizes[acc] == 8)         # unstratified favours size 8
-    # with de-duplication the quotas still come from all M draws; a stratum short of survivors gives what it has
+    # with de-duplication the quotas still come from all M draws;
+    # a stratum short of survivors gives what it has
     keys = ["dup" if s == 8 else str(i) for i, s in enumerate(sizes)]
     acc = common.accept(r, "top_k", K=100, keys=keys, groups=sizes).numpy()
     assert (sizes[acc] == 8).sum() == 1 and len(acc) == 100 - quotas[8] + 1
@@ -102,7 +104,7 @@ def test_stratified_top_k_keeps_the_size_histogram_and_ranks_within_each_size():
 def test_accept_threshold_keeps_r_at_least_tau():
     r = torch.tensor([0.2, 0.5, 0.7, 0.5, 0.1])
     assert common.accept(r, "threshold", tau=0.5).tolist() == [1, 2, 3]  # r >= tau, inclusive
-    assert common.accept_threshold(r, 0.71).numel() == 0
+    assert common.accept(r, "threshold", tau=0.71).numel() == 0
     assert common.accept(r, "threshold", tau=-1).tolist() == [0, 1, 2, 3, 4]
 
 
@@ -119,7 +121,8 @@ def test_accept_rejects_unknown_rule():
 
 
 def _top_k_density(x, M, K, k_in_binom=None):
-    """SPEC 2: p_acc(x) = (M/K) P[Binomial(M-1, 1 - F(r(x))) <= K-1] p_ref(x), for x ~ N(0,1), r(x) = x."""
+    """docs/method.md §2: p_acc(x) = (M/K) P[Binomial(M-1, 1 - F(r(x))) <= K-1] p_ref(x),
+    for x ~ N(0,1), r(x) = x."""
     k_in_binom = K - 1 if k_in_binom is None else k_in_binom
     return (M / K) * stats.binom.cdf(k_in_binom, M - 1, stats.norm.sf(x)) * stats.norm.pdf(x)
 
@@ -192,42 +195,6 @@ def test_ema_update_is_the_exponential_average_of_parameters_and_copies_buffers(
     for e, e0, p in zip(ema.parameters(), before, model.parameters()):
         torch.testing.assert_close(e, 0.9 * e0 + 0.1 * p)
     torch.testing.assert_close(ema.running_mean, model.running_mean)
-
-
-class _TinyEps(torch.nn.Module):
-    """eps(z, t, mask) for train_on_accepted: a linear map of z plus a linear function of t."""
-
-    def __init__(self):
-        super().__init__()
-        self.lin, self.tw = torch.nn.Linear(3, 3), torch.nn.Parameter(torch.zeros(3))
-
-    def forward(self, z, t, mask):
-        return (self.lin(z) + t[:, None, None] * self.tw) * mask[..., None]
-
-
-@pytest.mark.parametrize("decay", [0.0, 0.7])
-def test_train_on_accepted_ends_on_the_ema_of_its_iterates(decay):
-    """ft_ema: the round's final weights are the EMA (from the round's first weights) of the Adam iterates that the
-    same seeded run without averaging passes through; decay 0 is that run itself."""
-    x, n = torch.randn(6, 4, 3), np.array([4, 3, 2, 4, 1, 2])
-    abar = torch.tensor(common.noise_schedule("cosine", 50), dtype=torch.float32)
-    net = _TinyEps()
-    torch.manual_seed(1)
-    net.lin.weight.data.normal_()
-    raw, avg = _TinyEps(), _TinyEps()
-    raw.load_state_dict(net.state_dict()), avg.load_state_dict(net.state_dict())
-    opt_raw, opt_avg = torch.optim.Adam(raw.parameters(), lr=0.05), torch.optim.Adam(avg.parameters(), lr=0.05)
-    torch.manual_seed(2)
-    expected, iterates = [p.detach().clone() for p in net.parameters()], []
-    for _ in range(4):  # one step per call draws the same random numbers as four steps in one call
-        common.train_on_accepted(raw, opt_raw, x, n, abar, 1, 50, 1.0, 1, 5, False)
-        iterates.append([p.detach().clone() for p in raw.parameters()])
-        expected = [e + (1 - decay) * (p - e) for e, p in zip(expected, iterates[-1])]
-    torch.manual_seed(2)
-    assert common.train_on_accepted(avg, opt_avg, x, n, abar, 1, 50, 1.0, 4, 5, False, ema_decay=decay) == 20
-    for got, want, last in zip(avg.parameters(), expected, iterates[-1]):
-        torch.testing.assert_close(got.detach(), want)
-        assert (decay == 0) == torch.equal(got.detach(), last)   # averaging really moved the weights
 
 
 # -- checkpoints ---------------------------------------------------------------------------------------------
@@ -380,5 +347,6 @@ def test_mean_ci95_is_normal_otherwise():
     half = 1.959964 * np.std(x, ddof=1) / np.sqrt(5)
     assert res["mean"] == 3.0 and res["ci95"] == pytest.approx([3 - half, 3 + half])
     res = common.mean_ci95([0.0, 0.5, 1.0])  # not 0/1 data even though it lies in [0, 1]
-    assert res["ci95"] == pytest.approx([0.5 - 1.959964 * 0.5 / np.sqrt(3), 0.5 + 1.959964 * 0.5 / np.sqrt(3)])
+    assert res["ci95"] == pytest.approx([0.5 - 1.959964 * 0.5 / np.sqrt(3),
+                                         0.5 + 1.959964 * 0.5 / np.sqrt(3)])
     assert np.isnan(common.mean_ci95([])["mean"])

@@ -1,9 +1,11 @@
-"""Tests of graft_layout.py: LayoutGAN++ metrics, data loaders, the set denoiser, the stitched sampler, FID, CLI."""
+"""Tests of graft_layout.py: LayoutGAN++ metrics, data loaders, the set denoiser, the stitched sampler,
+FID, CLI."""
 import json
 import math
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -12,9 +14,11 @@ import torch.nn as nn
 
 import common
 import graft_layout as gl
+import layouts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CFG_TINY = dict(n_classes=5, d_model=32, n_layers=2, n_heads=4, T=1000, schedule="cosine", dataset="publaynet")
+CFG_TINY = dict(n_classes=5, d_model=32, n_layers=2, n_heads=4, T=1000, schedule="cosine",
+                dataset="publaynet")
 
 
 def _layout(ltrbs, classes=None, pad_to=6, pad_boxes=None):
@@ -30,7 +34,8 @@ def _layout(ltrbs, classes=None, pad_to=6, pad_boxes=None):
 
 
 # three boxes (left, top, right, bottom); by hand, the six coordinates (xl, xc, xr, yt, yc, yb) are
-# B1 (0.2, 0.3, 0.4, 0.1, 0.2, 0.3), B2 (0.4, 0.55, 0.7, 0.5, 0.6, 0.7), B3 (0.25, 0.35, 0.45, 0.8, 0.85, 0.9);
+# B1 (0.2, 0.3, 0.4, 0.1, 0.2, 0.3), B2 (0.4, 0.55, 0.7, 0.5, 0.6, 0.7),
+# B3 (0.25, 0.35, 0.45, 0.8, 0.85, 0.9);
 # same-kind distances: B1-B2 min 0.2 (xl), B1-B3 min 0.05 (xl, xc, xr), B2-B3 min 0.15 (xl)
 # so d = (0.05, 0.15, 0.05) and the layout's alignment is mean(-log(1 - d)).
 THREE = [(0.2, 0.1, 0.4, 0.3), (0.4, 0.5, 0.7, 0.7), (0.25, 0.8, 0.45, 0.9)]
@@ -42,7 +47,8 @@ def test_alignment_matches_hand_computed_values():
     # two boxes: both have d = 0.2 (their xl), so -log(0.8) each
     assert gl.alignment(*_layout(THREE[:2]))[0] == pytest.approx(-math.log(0.8), abs=1e-12)
     # a shared left edge is perfect alignment, whatever else differs
-    assert gl.alignment(*_layout([(0.1, 0.1, 0.3, 0.2), (0.1, 0.5, 0.9, 0.95)]))[0] == pytest.approx(0, abs=1e-12)
+    assert (gl.alignment(*_layout([(0.1, 0.1, 0.3, 0.2), (0.1, 0.5, 0.9, 0.95)]))[0]
+            == pytest.approx(0, abs=1e-12))
     # classes play no part
     assert gl.alignment(*_layout(THREE, classes=[0, 3, 4]))[0] == pytest.approx(THREE_ALIGN, abs=1e-12)
     # the reward is the negative alignment x100, per layout
@@ -65,9 +71,9 @@ def test_alignment_ignores_padding_and_gives_zero_to_single_elements():
 
 
 def _layoutganpp_alignment(bbox, mask):
-    """LayoutGAN++'s compute_alignment (ktrk115/const_layout metric.py), re-derived: diagonal and padded rows set
-    to 1 before the min, d = 1 mapped to 0, sum / number of real elements. Padded *columns* are not masked there,
-    so it agrees with SPEC 6 on layouts without padding, which is how it is used below."""
+    """LayoutGAN++'s compute_alignment (ktrk115/const_layout metric.py), re-derived: diagonal and padded rows
+    set to 1 before the min, d = 1 mapped to 0, sum / number of real elements. Padded *columns* are not masked
+    there, so it agrees with docs/method.md §6 on layouts without padding, which is how it is used below."""
     xc, yc, w, h = bbox.unbind(-1)
     X = torch.stack([xc - w / 2, xc, xc + w / 2, yc - h / 2, yc, yc + h / 2], 1)    # (B, 6, n)
     X = (X[..., :, None] - X[..., None, :]).abs()                                   # (B, 6, n, n)
@@ -84,7 +90,8 @@ def test_alignment_agrees_with_layoutganpp_code_on_real_layouts():
     for n in (1, 2, 5, 12):  # unpadded batches of n-element test layouts
         idx = np.nonzero(te["n"] == n)[0][:50]
         b, l = te["boxes"][idx, :n], te["labels"][idx, :n]
-        ref = _layoutganpp_alignment(torch.as_tensor(b, dtype=torch.float64), torch.ones(len(idx), n, dtype=torch.bool))
+        ref = _layoutganpp_alignment(torch.as_tensor(b, dtype=torch.float64),
+                                     torch.ones(len(idx), n, dtype=torch.bool))
         np.testing.assert_allclose(gl.alignment(b, l), ref.numpy(), rtol=0, atol=1e-9)
 
 
@@ -94,25 +101,30 @@ def test_overlap_matches_hand_computed_values():
     A, B, C = (0.0, 0.0, 0.4, 0.4), (0.2, 0.2, 0.6, 0.5), (0.7, 0.7, 0.9, 0.9)
     two = (0.04 / 0.16 + 0.04 / 0.12) / 2
     assert gl.overlap(*_layout([A, B]))[0] == pytest.approx(two, abs=1e-12)
-    assert gl.overlap(*_layout([A, B, C]))[0] == pytest.approx(two * 2 / 3, abs=1e-12)   # C adds an element, no area
-    assert gl.overlap(*_layout([A, B], pad_boxes=[A, (0.1, 0.1, 0.3, 0.3)]))[0] == pytest.approx(two, abs=1e-12)
+    # C adds an element, no area
+    assert gl.overlap(*_layout([A, B, C]))[0] == pytest.approx(two * 2 / 3, abs=1e-12)
+    assert (gl.overlap(*_layout([A, B], pad_boxes=[A, (0.1, 0.1, 0.3, 0.3)]))[0]
+            == pytest.approx(two, abs=1e-12))
     assert gl.overlap(*_layout([A]))[0] == 0.0                                            # one element
     assert gl.overlap(*_layout([A, (0.4, 0.0, 0.8, 0.4)]))[0] == 0.0                      # touching edges
-    assert gl.overlap(*_layout([A, A]))[0] == pytest.approx(1.0, abs=1e-12)               # identical: 2 x 1 / 2
+    # identical: 2 x 1 / 2
+    assert gl.overlap(*_layout([A, A]))[0] == pytest.approx(1.0, abs=1e-12)
     # B inside A entirely: B/B = 1 plus B/A = .01/.16, over 2 elements
-    assert gl.overlap(*_layout([A, (0.1, 0.1, 0.2, 0.2)]))[0] == pytest.approx((1 + 0.01 / 0.16) / 2, abs=1e-12)
+    assert (gl.overlap(*_layout([A, (0.1, 0.1, 0.2, 0.2)]))[0]
+            == pytest.approx((1 + 0.01 / 0.16) / 2, abs=1e-12))
     # a zero-area element contributes nothing as i (LayoutGAN++'s nan_to_num) and nothing as j
     assert gl.overlap(*_layout([A, (0.1, 0.1, 0.1, 0.3)]))[0] == 0.0
 
 
-# -- data -------------------------------------------------------------------------------------------------------
+# -- data ----------------------------------------------------------------------------------------------------
 
 def test_shipped_files_parse_to_the_documented_counts():
     d = gl.load_data("publaynet")
     assert (len(d["train"]["n"]), len(d["test"]["n"])) == (16_390, 10_998)
     assert d["test"]["n"].min() == 1 and d["test"]["n"].max() == 20
     # first training line: "title 10 17 103 25 | text 49 28 64 29 | ..." with corners floor(v * 127)
-    np.testing.assert_allclose(d["train"]["boxes"][0, 0], [56.5 / 127, 21 / 127, 93 / 127, 8 / 127], atol=1e-6)
+    np.testing.assert_allclose(d["train"]["boxes"][0, 0], [56.5 / 127, 21 / 127, 93 / 127, 8 / 127],
+                               atol=1e-6)
     assert d["train"]["labels"][0, :2].tolist() == [1, 0]
     for split in d.values():
         real = split["labels"] >= 0
@@ -125,10 +137,10 @@ def test_shipped_files_parse_to_the_documented_counts():
 
 def test_coco_loader_on_the_official_pages(tmp_path):
     path = os.path.join(ROOT, "data", "publaynet", "samples.json")
-    d = gl.load_coco(path)
+    d = layouts.load_coco(path)
     # 20 portrait pages, no invalid box; the page with 26 elements is over LayoutDM's 25 and is dropped
-    assert len(d["n"]) == 19 and sorted(d["n"].tolist()) == sorted([12, 5, 10, 6, 12, 8, 8, 8, 13, 8, 7, 14, 6, 8,
-                                                                     14, 6, 12, 2, 8])
+    assert len(d["n"]) == 19 and sorted(d["n"].tolist()) == sorted([12, 5, 10, 6, 12, 8, 8, 8, 13, 8, 7, 14,
+                                                                     6, 8, 14, 6, 12, 2, 8])
     real = d["labels"] >= 0
     assert d["boxes"][real].min() > 0 and d["boxes"][real].max() <= 1
     ltrb = gl.to_ltrb(d["boxes"][real])
@@ -153,7 +165,7 @@ def test_coco_loader_on_the_official_pages(tmp_path):
     its[2]["bbox"] = [10.0, 10.0, first_kept["width"], 50.0]                   # right edge past the page
     with open(tmp_path / "train.json", "w") as f:
         json.dump(bad, f)
-    d2 = gl.load_coco(str(tmp_path / "train.json"))
+    d2 = layouts.load_coco(str(tmp_path / "train.json"))
     n_first = len([a for a in coco["annotations"] if a["image_id"] == bad["images"][0]["id"]])
     assert len(d2["n"]) == 19 - (n_first <= 25)
     assert len(its) - 3 in d2["n"].tolist()
@@ -171,11 +183,11 @@ def test_bad_data_gives_one_line_error(tmp_path):
     assert str(e.value.code).startswith("graft_layout: ") and "\n" not in str(e.value.code)
     (tmp_path / "bad.txt").write_text("text 1 2 3 4 | nosuch 1 2 3 4\n")
     with pytest.raises(SystemExit) as e:
-        gl.read_layout_text(str(tmp_path / "bad.txt"), gl.CLASSES["publaynet"])
+        layouts.read_layout_text(str(tmp_path / "bad.txt"), gl.CLASSES["publaynet"])
     assert "bad.txt:1" in str(e.value.code)
 
 
-# -- model and sampler ------------------------------------------------------------------------------------------
+# -- model and sampler ---------------------------------------------------------------------------------------
 
 def _tiny_net(seed=0):
     torch.manual_seed(seed)
@@ -198,9 +210,11 @@ def test_denoiser_is_permutation_equivariant():
         out = net(z, t, mask)
         assert out.abs().max() > 0.1 and torch.all(out[~mask] == 0)
         z2 = z.clone()
-        z2[0, 0] += 0.5                                                   # the output depends on the other elements
+        # the output depends on the other elements
+        z2[0, 0] += 0.5
         assert (net(z2, t, mask)[0, 1:] - out[0, 1:]).abs().max() > 1e-3
-        perm = [torch.randperm(7, generator=g), torch.cat([torch.randperm(5, generator=g), torch.arange(5, 7)]),
+        perm = [torch.randperm(7, generator=g),
+                torch.cat([torch.randperm(5, generator=g), torch.arange(5, 7)]),
                 torch.tensor([1, 0, 2, 3, 4, 5, 6])]
         zp = torch.stack([z[b, perm[b]] for b in range(B)])
         torch.testing.assert_close(net(zp, t, mask), torch.stack([out[b, perm[b]] for b in range(B)]),
@@ -235,20 +249,35 @@ def test_stitched_sampler_switches_at_s():
     s = tau[N_I]
     rec_hi, rec_lo = _Recorder(_tiny_net(1).float(), T), _Recorder(_tiny_net(2).float(), T)
     n_elem = np.array([3, 7, 1, 5, 2])
-    res = gl.sample(rec_hi, rec_lo, n_elem, abar, N, N_I, batch=5, save_at=(N_I, 0), grid=128)
-    assert rec_hi.calls == tau[N_I + 1:][::-1] and all(t > s for t in rec_hi.calls)      # N - N_I steps above s
+    res = gl.sample(rec_hi, rec_lo, n_elem, abar, N, N_I, batch=5, grid=128)
+    # N - N_I steps above s
+    assert rec_hi.calls == tau[N_I + 1:][::-1] and all(t > s for t in rec_hi.calls)
     assert rec_lo.calls == tau[1:N_I + 1][::-1] + [0] and all(t <= s for t in rec_lo.calls)  # the rest + x0
     # the saved x_s is the state net_lo starts from
-    torch.testing.assert_close(res["x_s"][N_I][np.argsort(n_elem, kind="stable")][:, :7], rec_lo.inputs[0])
-    assert res["x_s"][N_I].shape == (5, gl.MAX_N, 9) and res["x_s"][0].shape == (5, gl.MAX_N, 9)
+    torch.testing.assert_close(res["x_s"][np.argsort(n_elem, kind="stable")][:, :7], rec_lo.inputs[0])
+    assert res["x_s"].shape == (5, gl.MAX_N, 9)
     # output: results back in input order, element counts kept, corners on the 128 grid, inside the page
     assert np.array_equal((res["labels"] >= 0).sum(1), n_elem)
     ltrb = gl.to_ltrb(res["boxes"][res["labels"] >= 0].astype(np.float64))
     np.testing.assert_allclose(ltrb * 127, np.round(ltrb * 127), atol=1e-4)
     assert ltrb.min() >= 0 and ltrb.max() <= 1
-    # x_s[0] is the decoded layout as features: box * 2 - 1 and one-hot * 2 - 1
-    z0, m0 = gl.to_features(res["boxes"], res["labels"], 5)
-    torch.testing.assert_close(res["x_s"][0][:, :z0.shape[1]], z0)
+    # continuing from x_s: only the steps below N_I and the x_0-prediction, all by the given network
+    rec_hi.calls, rec_lo.calls = [], []
+    cont = gl.continue_from(rec_lo, res["x_s"], n_elem, abar, N, N_I, batch=5, grid=128)
+    assert rec_hi.calls == [] and rec_lo.calls == tau[1:N_I + 1][::-1] + [0]
+    assert np.array_equal((cont["labels"] >= 0).sum(1), n_elem)
+    # DDPO's trajectories: N + 1 states, zero on padding, the state at step N_I is where x_s is saved;
+    # the last step (std 0) has log-prob 0
+    rec_hi.calls = []
+    torch.manual_seed(5)
+    x_s = gl.sample(rec_hi, rec_lo, n_elem, abar, N, N_I, batch=5)["x_s"]
+    torch.manual_seed(5)
+    tr = gl.sample_trajectories(rec_hi, n_elem, abar, N, batch=5)
+    assert tr["traj"].shape == (5, N + 1, gl.MAX_N, 9) and tr["logp"].shape == (5, N)
+    torch.testing.assert_close(tr["traj"][:, N - N_I], x_s, rtol=0, atol=0)
+    real = torch.arange(gl.MAX_N)[None] < torch.as_tensor(n_elem)[:, None]
+    assert torch.all(tr["traj"][~real[:, None].expand(5, N + 1, gl.MAX_N)] == 0)
+    assert torch.isfinite(tr["logp"]).all() and torch.all(tr["logp"][:, -1] == 0)
     # two batches call each network once per batch and step; N_I = 0 is the fine-tuned model alone
     rec_hi.calls, rec_lo.calls = [], []
     gl.sample(rec_hi, rec_lo, n_elem, abar, N, N_I, batch=3)
@@ -261,9 +290,10 @@ def test_stitched_sampler_switches_at_s():
 def test_shaped_loss_reduces_to_ddpm_loss_at_abar_s_1():
     net = _tiny_net().float()
     abar = gl.make_abar(CFG_TINY)
-    z0, mask = gl.to_features(*[a[:8] for a in (gl.load_data("publaynet")["test"][k] for k in ("boxes", "labels"))], 5)
+    z0, mask = gl.to_features(*[a[:8] for a in (gl.load_data("publaynet")["test"][k]
+                                                for k in ("boxes", "labels"))], 5)
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
-    a = common.shaped_loss(net, z0, mask, abar, 1, 1000, 1.0, gen=g1)
+    a = gl.shaped_loss(net, z0, mask, abar, 1, 1000, 1.0, gen=g1)
     # by hand: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, loss = |eps_theta - eps|^2 over the real entries
     t = torch.randint(1, 1001, (8,), generator=g2)
     eps = torch.randn(z0.shape, generator=g2) * mask[..., None]
@@ -282,10 +312,12 @@ def test_sampler_step_is_the_ddpm_posterior_with_clipped_x0():
         mean, std = gl.step_mean_std(eps, z_t, abar, t, s)
         # the eps form of the same mean (EDM's sample_p_zs_given_zt) and DDPM's posterior variance
         a_ts, s2 = (abar[t] / abar[s]).sqrt(), 1 - abar[t] / abar[s]
-        torch.testing.assert_close(mean, z_t / a_ts - s2 / a_ts / (1 - abar[t]).sqrt() * eps, atol=2e-4, rtol=1e-4)
+        torch.testing.assert_close(mean, z_t / a_ts - s2 / a_ts / (1 - abar[t]).sqrt() * eps,
+                                   atol=2e-4, rtol=1e-4)
         assert float(std) == pytest.approx(float((s2 * (1 - abar[s]) / (1 - abar[t])).sqrt()), rel=1e-5)
-        torch.testing.assert_close(mean, abar[s].sqrt() * x0 + (1 - abar[s] - std ** 2).sqrt() * eps, atol=2e-4,
-                                   rtol=1e-4)                                  # the exact x_0 and eps are kept
+        # the exact x_0 and eps are kept
+        torch.testing.assert_close(mean, abar[s].sqrt() * x0 + (1 - abar[s] - std ** 2).sqrt() * eps,
+                                   atol=2e-4, rtol=1e-4)
     # a wild eps prediction at t = T: the predicted x_0 is clipped, so the mean stays near the data range
     z_t = torch.randn(4, 3, 9, generator=g)
     mean, _ = gl.step_mean_std(z_t + 0.5, z_t, abar, 1000, 950)
@@ -293,7 +325,48 @@ def test_sampler_step_is_the_ddpm_posterior_with_clipped_x0():
     assert float(gl.step_mean_std(z_t, z_t, abar, 10, 0)[1]) == 0.0          # the last step is deterministic
 
 
-# -- FID --------------------------------------------------------------------------------------------------------
+# -- one GRAFT round's training: --ft_ema ------------------------------------------------------------------
+
+class _TinyEps(torch.nn.Module):
+    """eps(z, t, mask) for graft_layout.train_on_accepted: a linear map of z plus a linear function of t."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.tw = torch.nn.Linear(3, 3), torch.nn.Parameter(torch.zeros(3))
+
+    def forward(self, z, t, mask):
+        return (self.lin(z) + t[:, None, None] * self.tw) * mask[..., None]
+
+
+@pytest.mark.parametrize("decay", [0.0, 0.7])
+def test_train_on_accepted_ends_on_the_ema_of_its_iterates(decay):
+    """ft_ema: the round's final weights are the EMA (from the round's first weights) of the Adam iterates
+    that the same seeded run without averaging passes through; decay 0 is that run itself."""
+    x, n = torch.randn(6, 4, 3), np.array([4, 3, 2, 4, 1, 2])
+    abar = torch.tensor(common.noise_schedule("cosine", 50), dtype=torch.float32)
+    net = _TinyEps()
+    torch.manual_seed(1)
+    net.lin.weight.data.normal_()
+    raw, avg = _TinyEps(), _TinyEps()
+    raw.load_state_dict(net.state_dict()), avg.load_state_dict(net.state_dict())
+    opt_raw, opt_avg = (torch.optim.Adam(raw.parameters(), lr=0.05),
+                        torch.optim.Adam(avg.parameters(), lr=0.05))
+    torch.manual_seed(2)
+    expected, iterates = [p.detach().clone() for p in net.parameters()], []
+    args = SimpleNamespace(N=10, N_I=0, rp=False, ft_steps=1, batch_size=5, amp=False, ft_ema=0.0)  # GRAFT
+    for _ in range(4):  # one step per call draws the same random numbers as four steps in one call
+        gl.train_on_accepted(raw, opt_raw, x, n, abar, args)
+        iterates.append([p.detach().clone() for p in raw.parameters()])
+        expected = [e + (1 - decay) * (p - e) for e, p in zip(expected, iterates[-1])]
+    torch.manual_seed(2)
+    args.ft_steps, args.ft_ema = 4, decay
+    assert gl.train_on_accepted(avg, opt_avg, x, n, abar, args) == 20
+    for got, want, last in zip(avg.parameters(), expected, iterates[-1]):
+        torch.testing.assert_close(got.detach(), want)
+        assert (decay == 0) == torch.equal(got.detach(), last)   # averaging really moved the weights
+
+
+# -- FID -----------------------------------------------------------------------------------------------------
 
 def test_frechet_distance_closed_forms():
     g = np.random.RandomState(0)
@@ -317,13 +390,14 @@ def test_layout_fid_is_zero_on_the_test_set_itself(tmp_path):
     te = {k: v[:600] for k, v in te.items()}
     torch.manual_seed(0)
     path = str(tmp_path / "fid.pt")
-    common.save_checkpoint(path, {"model": gl.LayoutNet(5).state_dict()}, {"name": gl.FID_NET_NAME})
+    common.save_checkpoint(path, {"model": layouts.LayoutNet(5).state_dict()}, {"name": layouts.FID_NET_NAME})
     fid = gl.LayoutFID(gl.fid_network(path, None, 5, 0), 5, te, path)
     assert abs(fid(te["boxes"], te["labels"])) < 1e-6
-    shuffled = np.random.RandomState(0).permutation(len(te["n"]))                   # order of layouts: no effect
+    # order of layouts: no effect
+    shuffled = np.random.RandomState(0).permutation(len(te["n"]))
     assert abs(fid(te["boxes"][shuffled], te["labels"][shuffled])) < 1e-6
     assert fid(te["boxes"][:300], np.where(te["labels"][:300] >= 0, 4, -1)) > 1.0   # every element a figure
-    assert fid.info["name"] == gl.FID_NET_NAME and "not comparable" in fid.info["note"]
+    assert fid.info["name"] == layouts.FID_NET_NAME and "not comparable" in fid.info["note"]
 
 
 def test_rewards_are_plain_functions_and_bad_rewards_stop_the_run():
@@ -334,17 +408,19 @@ def test_rewards_are_plain_functions_and_bad_rewards_stop_the_run():
     r = {k: gl.score({"boxes": boxes, "labels": labels}, f) for k, f in gl.REWARDS.items()}
     torch.testing.assert_close(r["overlap"], torch.tensor([0.0, -(0.04 / 0.16 + 0.04 / 0.12) / 2]))
     torch.testing.assert_close(r["alignment_overlap"], r["alignment"] + r["overlap"])
-    for bad, what in [(lambda b, l: np.full(len(b), np.nan), "NaN"), (lambda b, l: np.zeros((len(b), 2)), "shape")]:
+    for bad, what in [(lambda b, l: np.full(len(b), np.nan), "NaN"),
+                      (lambda b, l: np.zeros((len(b), 2)), "shape")]:
         with pytest.raises(SystemExit, match=what):
             gl.score({"boxes": boxes, "labels": labels}, bad)
 
 
-# -- command line -----------------------------------------------------------------------------------------------
+# -- command line --------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("argv", [["--n_i", "1.0"], ["--n_i", "-0.1"], ["--K", "0"], ["--M", "10", "--K", "11"],
-                                  ["--reward", "nosuch"], ["--N", "2000"], ["--rp"], ["--accept", "threshold"],
-                                  ["--dataset", "rico", "--data", "x"], ["--d_model", "30", "--n_heads", "4"],
-                                  ["--grid", "1"], ["--algo", "nosuch"], ["--stratify", "--accept", "best_of_n"],
+@pytest.mark.parametrize("argv", [["--n_i", "1.0"], ["--n_i", "-0.1"], ["--K", "0"],
+                                  ["--M", "10", "--K", "11"], ["--reward", "nosuch"], ["--N", "2000"],
+                                  ["--rp"], ["--accept", "threshold"], ["--dataset", "rico", "--data", "x"],
+                                  ["--d_model", "30", "--n_heads", "4"], ["--grid", "1"],
+                                  ["--algo", "nosuch"], ["--stratify", "--accept", "best_of_n"],
                                   ["--ft_ema", "1"], ["--ft_ema", "-0.5"]])
 def test_bad_flags_exit_with_code_2(argv, capsys):
     with pytest.raises(SystemExit) as e:
@@ -375,7 +451,8 @@ def test_bad_ref_gives_one_line_error(tmp_path, case):
     if case == "other_dataset":
         common.save_checkpoint(ref, {"model": gl.build_model(dict(CFG_TINY, n_classes=25)).state_dict()},
                                {"model": dict(CFG_TINY, n_classes=25, dataset="rico")})
-    p = subprocess.run([sys.executable, "graft_layout.py", "--eval_only", "--ref", ref, "--out", str(tmp_path / "o")],
+    p = subprocess.run([sys.executable, "graft_layout.py", "--eval_only", "--ref", ref,
+                        "--out", str(tmp_path / "o")],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     err = p.stderr.strip()
     assert p.returncode != 0 and "Traceback" not in err and "\n" not in err, err
@@ -384,10 +461,12 @@ def test_bad_ref_gives_one_line_error(tmp_path, case):
 
 def test_tiny_end_to_end_run_writes_results_and_resumes(tmp_path):
     base = ["--d_model", "32", "--n_layers", "1", "--n_heads", "2"]
-    gl.main(["--pretrain", *base, "--train_steps", "20", "--batch_size", "16", "--out", str(tmp_path / "pre")])
+    gl.main(["--pretrain", *base, "--train_steps", "20", "--batch_size", "16",
+             "--out", str(tmp_path / "pre")])
     run = ["--ref", str(tmp_path / "pre" / "ref.pt"), "--N", "4", "--M", "12", "--K", "3", "--rounds", "2",
            "--n_eval", "12", "--ft_steps", "2", "--batch_size", "4", "--fid_net", str(tmp_path / "fid.pt"),
-           "--fid_steps", "3", "--cache_dir", str(tmp_path / "cache"), "--n_i", "0.5", "--out", str(tmp_path / "pg")]
+           "--fid_steps", "3", "--cache_dir", str(tmp_path / "cache"), "--n_i", "0.5",
+           "--out", str(tmp_path / "pg")]
     res = gl.main(run)
     assert res["method"] == "pgraft" and res["config"]["N_I"] == 2
     assert set(res) >= {"task", "method", "n_i", "command", "config", "reference", "finetuned", "compute",

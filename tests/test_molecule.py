@@ -1,4 +1,5 @@
-"""Tests of graft_molecule.py, part 1: data, EDM metrics, EGNN, sampler, shaped loss (SPEC 3), CLI errors."""
+"""Tests of graft_molecule.py, part 1: data, EDM metrics, EGNN, sampler, shaped loss (docs/method.md §3),
+CLI errors."""
 import os
 import subprocess
 import sys
@@ -10,12 +11,14 @@ import torch.nn as nn
 
 import common
 import graft_molecule as gm
+import qm9
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CFG_TINY = dict(nf=16, n_layers=2, attention=True, tanh=True, include_charges=True, T=1000, schedule="polynomial_2")
+CFG_TINY = dict(nf=16, n_layers=2, attention=True, tanh=True, include_charges=True, T=1000,
+                schedule="polynomial_2")
 
 
-# -- data and the EDM metrics (SPEC 6) ----------------------------------------------------------------------
+# -- data and the EDM metrics (docs/method.md §6) ------------------------------------------------------------
 
 def test_qm9_test_set_stability_matches_edm():
     data = gm.load_qm9(gm.build_parser().get_default("data_dir"))
@@ -26,7 +29,8 @@ def test_qm9_test_set_stability_matches_edm():
     assert np.array_equal(real.sum(1), te["n"]) and np.all(real == (np.arange(29)[None] < te["n"][:, None]))
     com = (te["pos"] * real[..., None]).sum(1) / te["n"][:, None]
     assert np.abs(com).max() < 1e-4 and np.all(te["pos"][~real] == 0)
-    # all 13,083 test molecules (about 5 s): QM9 itself is ~99.0% atom / ~95.2% molecule stable (SPEC 6)
+    # all 13,083 test molecules (about 5 s): QM9 itself is ~99.0% atom / ~95.2% molecule stable
+    # (docs/method.md §6)
     mols = gm.molecules(te)
     ev = gm.evaluate(mols, set())
     atom, mol, valid = ev["atom_stable"]["mean"], ev["mol_stable"]["mean"], ev["valid"]["mean"]
@@ -37,11 +41,11 @@ def test_qm9_test_set_stability_matches_edm():
 
 
 def _types(symbols):
-    return np.array([gm.ATOMS.index(a) for a in symbols])
+    return np.array([qm9.ATOMS.index(a) for a in symbols])
 
 
 def _pair(a, b, d):
-    return gm.bond_orders(np.array([[0.0, 0.0, 0.0], [d, 0.0, 0.0]]), _types([a, b]))
+    return qm9.bond_orders(np.array([[0.0, 0.0, 0.0], [d, 0.0, 0.0]]), _types([a, b]))
 
 
 # distances in Angstrom; thresholds in pm: single below B1 + 10, double below B2 + 5, triple below B3 + 3
@@ -102,7 +106,7 @@ def test_hand_made_molecules_are_stable_with_edm_smiles():
     assert ev["n_unique_valid"] == len({m.smiles for m in (ch4, ch3) if m.smiles})
 
 
-# -- model: E(3) equivariance ---------------------------------------------------------------------------------
+# -- model: E(3) equivariance --------------------------------------------------------------------------------
 
 def _tiny_net(seed=0, dtype=torch.float64):
     torch.manual_seed(seed)
@@ -158,7 +162,8 @@ def test_egnn_is_e3_equivariant():
         torch.testing.assert_close(out_t, out, atol=1e-4, rtol=0)
 
         # permutation of the real atoms (padding stays at the end)
-        perm = [torch.randperm(6, generator=g), torch.cat([torch.randperm(4, generator=g), torch.arange(4, 6)])]
+        perm = [torch.randperm(6, generator=g),
+                torch.cat([torch.randperm(4, generator=g), torch.arange(4, 6)])]
         zp = torch.stack([z[b, perm[b]] for b in range(B)])
         out_p = net(zp, t, mask)
         torch.testing.assert_close(out_p, torch.stack([out[b, perm[b]] for b in range(B)]), atol=1e-4, rtol=0)
@@ -168,7 +173,8 @@ def test_egnn_is_e3_equivariant():
         xq = (x @ Q.T + shift) * mask[..., None]
         zq = torch.stack([torch.cat([xq, h], -1)[b, perm[b]] for b in range(B)])
         out_q = net(zq, t, mask)
-        expect = torch.stack([torch.cat([out[..., :3] @ Q.T, out[..., 3:]], -1)[b, perm[b]] for b in range(B)])
+        expect = torch.stack([torch.cat([out[..., :3] @ Q.T, out[..., 3:]], -1)[b, perm[b]]
+                              for b in range(B)])
         torch.testing.assert_close(out_q, expect, atol=1e-4, rtol=0)
 
         # whatever sits in the padding slots of the input is ignored
@@ -177,7 +183,7 @@ def test_egnn_is_e3_equivariant():
         torch.testing.assert_close(net(z_junk, t, mask), out, atol=1e-12, rtol=0)
 
 
-# -- sampler and loss with the tiny network -------------------------------------------------------------------
+# -- sampler and loss with the tiny network ------------------------------------------------------------------
 
 class _Recorder(nn.Module):
     """Wraps a network and records the integer time steps it is called at (to check the stitching)."""
@@ -198,7 +204,8 @@ def test_sampler_and_loss_tiny_config():
     T, N, N_I = CFG_TINY["T"], 5, 2
     n_atoms = np.array([7, 3, 9, 5, 4])
     rec_hi, rec_lo = _Recorder(net_hi, T), _Recorder(net_lo, T)
-    out = gm.sample(rec_hi, rec_lo, n_atoms, abar, N, N_I=N_I, batch=2, save_at=(N, N_I, 0), keep_traj=True)
+    torch.manual_seed(1)
+    out = gm.sample(rec_hi, rec_lo, n_atoms, abar, N, N_I=N_I, batch=2)
     B, D = len(n_atoms), 3 + net_lo.h_nf
     pos, types = out["pos"], out["types"]
     assert pos.shape == (B, 29, 3) and types.shape == (B, 29)
@@ -208,29 +215,29 @@ def test_sampler_and_loss_tiny_config():
     # zero CoM to float32 precision (an untrained net over 5 steps gives large coordinates: relative check)
     com = (pos * real[..., None]).sum(1) / n_atoms[:, None]
     assert np.abs(com).max() < 1e-4 * max(1.0, np.abs(pos).max() / 100)
-    # stitching (SPEC 3): net_hi for tau_N .. tau_{N_I + 1}, net_lo below and for the final x_0 prediction
+    # stitching (docs/method.md §3): net_hi for tau_N .. tau_{N_I + 1}, net_lo below and for the final x_0
     tau = common.time_grid(T, N).tolist()
     assert set(rec_hi.calls) == set(tau[N_I + 1:]) and set(rec_lo.calls) == set(tau[1:N_I + 1]) | {0}
     assert len(rec_hi.calls) == 3 * (N - N_I) and len(rec_lo.calls) == 3 * (N_I + 1)  # 3 batches
 
-    traj, logp = out["traj"], out["logp"]
+    # DDPO's trajectories from the same seed: N + 1 states, zero on padding; x_s is the state at step N_I
+    torch.manual_seed(1)
+    tr = gm.sample_trajectories(rec_hi, n_atoms, abar, N, batch=2)
+    traj, logp = tr["traj"], tr["logp"]
     assert traj.shape == (B, N + 1, 29, D) and logp.shape == (B, N)
     assert torch.isfinite(traj).all() and torch.isfinite(logp).all()
     real_t = torch.as_tensor(real)
     assert torch.all(traj[~real_t[:, None].expand(B, N + 1, 29)] == 0)
     x_s = out["x_s"]
-    assert set(x_s) == {N, N_I, 0} and all(v.shape == (B, 29, D) for v in x_s.values())
-    assert torch.equal(x_s[N_I], traj[:, N - N_I]), "x_s is the state when the sampler reaches step N_I"
-    assert torch.equal(x_s[N], traj[:, 0])
-    xs_pos = x_s[N_I][..., :3]
+    assert x_s.shape == (B, 29, D)
+    assert torch.equal(x_s, traj[:, N - N_I]), "x_s is the state when the sampler reaches step N_I"
+    xs_pos = x_s[..., :3]
     assert gm.remove_mean(xs_pos, real_t).sub(xs_pos).abs().max() < 1e-4 * max(1.0, xs_pos.abs().max() / 100)
-    # k = 0 (GRAFT's data): the decoded clean molecule, as features
-    z0, m0 = gm.to_features(pos, types, True)
-    assert torch.equal(x_s[0][:, :z0.shape[1]], z0) and torch.all(x_s[0][:, z0.shape[1]:] == 0)
+    z0, m0 = gm.to_features(pos, types, True)                              # GRAFT's data: the clean molecule
 
-    # continuing from x_s (x_start): only the steps below N_I, all by net_lo
+    # continuing from x_s: only the steps below N_I and the x_0-prediction, all by the given network
     rec_hi.calls.clear(), rec_lo.calls.clear()
-    cont = gm.sample(rec_hi, rec_lo, n_atoms, abar, N, N_I=N_I, batch=8, x_start=x_s[N_I])
+    cont = gm.continue_from(rec_lo, x_s, n_atoms, abar, N, N_I, batch=8)
     assert rec_hi.calls == [] and rec_lo.calls == tau[1:N_I + 1][::-1] + [0]
     assert np.all((cont["types"] >= 0) == real) and np.isfinite(cont["pos"]).all()
 
@@ -238,9 +245,10 @@ def test_sampler_and_loss_tiny_config():
     z, mask = z0, m0
     assert z.shape == (B, 9, D)
     s = tau[N_I]
-    for t_lo, abar_s, data in ((1, 1.0, z), (s + 1, abar[s], x_s[N_I][:, :9])):
+    for t_lo, abar_s, data in ((1, 1.0, z), (s + 1, abar[s], x_s[:, :9])):
         net_lo.zero_grad()
-        loss = common.shaped_loss(net_lo, data, mask, abar, t_lo, T, abar_s=abar_s, gen=torch.Generator().manual_seed(2), noise=gm.sample_noise)
+        loss = gm.shaped_loss(net_lo, data, mask, abar, t_lo, T, abar_s=abar_s,
+                              gen=torch.Generator().manual_seed(2))
         assert loss.dim() == 0 and torch.isfinite(loss) and loss > 0
         loss.backward()
         grads = [p.grad for p in net_lo.parameters() if p.grad is not None]
@@ -248,7 +256,7 @@ def test_sampler_and_loss_tiny_config():
         assert all(torch.isfinite(gr).all() for gr in grads) and any(gr.abs().sum() > 0 for gr in grads)
 
 
-# -- SPEC 3: the shaped loss's minimiser is the eps-model of the shaped marginal --------------------------------
+# -- docs/method.md §3: the shaped loss's minimiser is the eps-model of the shaped marginal ------------------
 
 MU, SIG = 2.0, 0.3              # x_0 ~ 0.5 N(-2, 0.3^2) + 0.5 N(2, 0.3^2), one feature dimension
 T_ = 1000
@@ -258,7 +266,8 @@ KNOTS = torch.linspace(-6, 6, 49, dtype=torch.float64)
 
 
 def _eps_star(x, t):
-    """-sqrt(1 - abar_t) * score of x_t's marginal, the mixture N(+-sqrt(abar_t) MU, abar_t SIG^2 + 1 - abar_t)."""
+    """-sqrt(1 - abar_t) * score of x_t's marginal,
+    the mixture N(+-sqrt(abar_t) MU, abar_t SIG^2 + 1 - abar_t)."""
     a = ABAR64[t]
     m, v = a.sqrt() * MU, a * SIG ** 2 + 1 - a
     score = -(x - m * torch.tanh(m * x / v)) / v
@@ -310,15 +319,15 @@ def _x_t(B, t, gen):
 
 
 def _fit(z, mask, s, t, scale=None):
-    """argmin_w of shaped_loss for the net f(x) = hat(x) @ w at the fixed step t (with a tiny second-difference
-    penalty so knots with almost no data stay smooth). The loss is quadratic in w: one Newton step from 0.
-    `scale(t)` multiplies the network's output: with scale = c_t, shaped_loss(c_t f) = E|f - eps'|^2 is
-    GRAFT's unshifted loss on the x_s data."""
+    """argmin_w of shaped_loss for the net f(x) = hat(x) @ w at the fixed step t (with a tiny
+    second-difference penalty so knots with almost no data stay smooth). The loss is quadratic in w: one
+    Newton step from 0. `scale(t)` multiplies the network's output: with scale = c_t,
+    shaped_loss(c_t f) = E|f - eps'|^2 is GRAFT's unshifted loss on the x_s data."""
     mult = (lambda tt: scale(tt)) if scale is not None else (lambda tt: 1.0)
 
     def loss(w):
         net = _FnNet(lambda x, tt: mult(tt) * (_hat(x) @ w))
-        return common.shaped_loss(net, z, mask, ABAR, t, t, abar_s=ABAR[s], gen=torch.Generator().manual_seed(7), noise=gm.sample_noise)
+        return gm.shaped_loss(net, z, mask, ABAR, t, t, abar_s=ABAR[s], gen=torch.Generator().manual_seed(7))
 
     w0 = torch.zeros(len(KNOTS), dtype=torch.float64)
     grad = torch.autograd.functional.jacobian(loss, w0)
@@ -337,8 +346,8 @@ def test_shaped_loss_minimiser_is_analytic_eps():
     rec = {}
 
     def L(f, seed=3):
-        return common.shaped_loss(_FnNet(f, rec), z, mask, ABAR, s + 1, T_, abar_s=ABAR[s],
-                              gen=torch.Generator().manual_seed(seed), noise=gm.sample_noise).item()
+        return gm.shaped_loss(_FnNet(f, rec), z, mask, ABAR, s + 1, T_, abar_s=ABAR[s],
+                              gen=torch.Generator().manual_seed(seed)).item()
 
     base = L(_eps_star)
     x_t, t = rec["x"], rec["t"]
@@ -369,7 +378,7 @@ def test_shaped_loss_minimiser_is_analytic_eps():
             assert ((f_u - f_star / c_t).pow(2).mean().sqrt() / rms).item() < 0.12
 
 
-# -- checkpoints and CLI errors ----------------------------------------------------------------------------------
+# -- checkpoints and CLI errors ------------------------------------------------------------------------------
 
 def _bad_refs(tmp_path):
     missing = str(tmp_path / "missing.pt")
@@ -423,9 +432,9 @@ def test_bad_ref_gives_one_line_error(tmp_path, case):
     assert what in err and os.path.basename(ref) in err, err
 
 
-@pytest.mark.parametrize("argv", [["--n_i", "1.0"], ["--n_i", "-0.1"], ["--K", "0"], ["--M", "10", "--K", "11"],
-                                  ["--reward", "nosuch"], ["--N", "0"], ["--N", "2000"],
-                                  ["--stratify", "--accept", "threshold", "--tau", "1"]])
+@pytest.mark.parametrize("argv", [["--n_i", "1.0"], ["--n_i", "-0.1"], ["--K", "0"],
+                                  ["--M", "10", "--K", "11"], ["--reward", "nosuch"], ["--N", "0"],
+                                  ["--N", "2000"], ["--stratify", "--accept", "threshold", "--tau", "1"]])
 def test_bad_flags(argv, capsys):
     with pytest.raises(SystemExit) as e:
         gm.parse_args(argv)

@@ -1,4 +1,5 @@
-"""Tests of graft_molecule.py, part 2: acceptance on molecules, resume, reward errors (issue: GRAFT on QM9)."""
+"""Tests of graft_molecule.py, part 2: acceptance on molecules, resume, reward errors
+(issue: GRAFT on QM9)."""
 import json
 import os
 import subprocess
@@ -27,7 +28,8 @@ def test_dedup_keeps_one_copy_per_smiles():
     r = gm.reward_stable(mols)
     assert r.tolist() == [1.0] * 5
     acc = common.accept(r, "top_k", K=5, keys=keys)
-    assert sorted(acc.tolist()) == [0, 1]                    # one water, one methane: K is not filled by copies
+    # one water, one methane: K is not filled by copies
+    assert sorted(acc.tolist()) == [0, 1]
     assert common.accept(r, "top_k", K=5).tolist() == [0, 1, 2, 3, 4]
 
 
@@ -52,7 +54,7 @@ def _final_state(out):
 def test_resume_after_interrupted_round_matches_uninterrupted_run(tiny_ref, tmp_path, monkeypatch):
     straight = gm.main(_argv(tiny_ref, tmp_path / "a", "--rounds", "3"))
 
-    real_train, calls = common.train_on_accepted, []
+    real_train, calls = gm.train_on_accepted, []
 
     def crash_in_round_2(*a, **k):
         calls.append(1)
@@ -60,11 +62,11 @@ def test_resume_after_interrupted_round_matches_uninterrupted_run(tiny_ref, tmp_
             raise KeyboardInterrupt  # the user hits Ctrl-C in the middle of round 2
         return real_train(*a, **k)
 
-    monkeypatch.setattr(common, "train_on_accepted", crash_in_round_2)
+    monkeypatch.setattr(gm, "train_on_accepted", crash_in_round_2)
     with pytest.raises(KeyboardInterrupt):
         gm.main(_argv(tiny_ref, tmp_path / "b", "--rounds", "3"))
     assert len(_final_state(tmp_path / "b")["extra"]["rounds"]) == 1     # round 1 survived the crash
-    monkeypatch.setattr(common, "train_on_accepted", real_train)
+    monkeypatch.setattr(gm, "train_on_accepted", real_train)
     resumed = gm.main(_argv(tiny_ref, tmp_path / "b", "--rounds", "3"))
 
     a, b = _final_state(tmp_path / "a"), _final_state(tmp_path / "b")
@@ -87,26 +89,30 @@ def test_results_json_has_the_house_schema(tiny_ref, tmp_path):
     gm.main(_argv(tiny_ref, tmp_path, "--rounds", "1"))
     with open(tmp_path / "results.json") as f:
         res = json.load(f)
-    assert {"task", "method", "n_i", "command", "config", "reference", "finetuned", "compute", "rounds"} <= set(res)
+    assert {"task", "method", "n_i", "command", "config", "reference", "finetuned", "compute",
+            "rounds"} <= set(res)
     assert res["method"] == "pgraft" and res["config"]["N_I"] == 2
     assert res["compute"]["nfe_sampling"] == 12 * 5 and res["compute"]["grad_calls"] == 2 * 4
     for key in ("mol_stable", "atom_stable", "valid", "unique", "novel"):
         m = res["finetuned"]["metrics"][key]
         assert m["ci95"][0] <= m["mean"] <= m["ci95"][1]
-    assert os.path.exists(tmp_path / "molecules_reference.png") or res["reference"]["metrics"]["valid"]["mean"] == 0
+    assert (os.path.exists(tmp_path / "molecules_reference.png")
+            or res["reference"]["metrics"]["valid"]["mean"] == 0)
 
 
 @pytest.mark.parametrize("bad", ["nan", "shape"])
 def test_bad_reward_stops_with_one_line(tiny_ref, tmp_path, bad):
     """A user's reward returning NaN or the wrong shape stops the run with a clear line, no traceback."""
-    code = (f"import sys, torch, graft_molecule as gm; sys.argv = ['graft_molecule.py'] + {_argv(tiny_ref, tmp_path, '--rounds', '1')!r}; "
-            f"gm.REWARDS['atom_stable'] = lambda mols: " + ("torch.full((len(mols),), float('nan'))" if bad == "nan"
-                                                           else "torch.zeros(len(mols), 2)") +
-            "; gm.main()")
+    code = (f"import sys, torch, graft_molecule as gm; sys.argv = ['graft_molecule.py'] + "
+            f"{_argv(tiny_ref, tmp_path, '--rounds', '1')!r}; "
+            f"gm.REWARDS['atom_stable'] = lambda mols: "
+            + ("torch.full((len(mols),), float('nan'))" if bad == "nan" else "torch.zeros(len(mols), 2)")
+            + "; gm.main()")
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode != 0 and "Traceback" not in p.stderr
     last = p.stderr.strip().splitlines()[-1]
-    assert last.startswith("graft_molecule: the reward returned") and ("NaN" in last if bad == "nan" else "shape" in last)
+    assert (last.startswith("graft_molecule: the reward returned")
+            and ("NaN" in last if bad == "nan" else "shape" in last))
 
 
 def test_rp_and_ddpo_run_and_account_gradient_calls(tiny_ref, tmp_path):
@@ -119,8 +125,8 @@ def test_rp_and_ddpo_run_and_account_gradient_calls(tiny_ref, tmp_path):
 
 
 def test_pretrain_resumes_and_refuses_other_sizes(tmp_path):
-    """--pretrain is resumable: a second call continues at the saved step with the saved optimizer; a different
-    architecture in the same --out is refused with one line."""
+    """--pretrain is resumable: a second call continues at the saved step with the saved optimizer; a
+    different architecture in the same --out is refused with one line."""
     size = ["--nf", "8", "--n_layers", "1", "--batch_size", "4", "--out", str(tmp_path)]
     gm.main(["--pretrain", "--train_steps", "3", *size])
     first = common.load_checkpoint(os.path.join(tmp_path, "ref.pt"))
@@ -128,10 +134,13 @@ def test_pretrain_resumes_and_refuses_other_sizes(tmp_path):
     gm.main(["--pretrain", "--train_steps", "5", *size])
     second = common.load_checkpoint(os.path.join(tmp_path, "ref.pt"))
     assert second["extra"]["step"] == 5 and second["extra"]["wall_s"] >= first["extra"]["wall_s"]
-    assert second["state_dicts"]["opt"]["state"][0]["step"] == 5          # Adam's state carried over, not reset
+    # Adam's state carried over, not reset
+    assert second["state_dicts"]["opt"]["state"][0]["step"] == 5
     assert second["state_dicts"]["opt"]["param_groups"][0]["lr"] == 5e-4   # the preset's --lr
-    gm.main(["--pretrain", "--train_steps", "6", "--lr", "1e-4", *size])    # a new --lr wins over the saved one
-    assert common.load_checkpoint(os.path.join(tmp_path, "ref.pt"))["state_dicts"]["opt"]["param_groups"][0]["lr"] == 1e-4
+    # a new --lr wins over the saved one
+    gm.main(["--pretrain", "--train_steps", "6", "--lr", "1e-4", *size])
+    assert (common.load_checkpoint(os.path.join(tmp_path, "ref.pt"))
+            ["state_dicts"]["opt"]["param_groups"][0]["lr"] == 1e-4)
     assert not torch.equal(first["state_dicts"]["ema"]["egnn.embedding.weight"],
                            second["state_dicts"]["ema"]["egnn.embedding.weight"])
     with pytest.raises(SystemExit, match="was trained with"):
