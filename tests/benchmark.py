@@ -123,11 +123,12 @@ def t2i(quick):
         ref = gt.build_model(cfg).eval()
     abar, n = gt.make_abar(cfg), 64 if quick else 256
     prompts = gt.eval_prompts(args)[:n]
-    s = timed(lambda: gt.sample(ref, ref, prompts, abar, args.N, 0, args.eta, args.guidance, args.sample_batch,
-                                torch.Generator().manual_seed(0), size=cfg["image_size"]))
+    s = timed(lambda: gt.sample(ref, ref, prompts, abar, args.N, 0, args.eta, args.guidance,
+                                args.sample_batch, torch.Generator().manual_seed(0), size=cfg["image_size"]))
     rate = n / s
     train_prompts = gt.draw_prompts(gt.finetune_pools(args), args.batch_size, np.random.default_rng(0))
-    x0, ids = gt.render_prompts(train_prompts, np.random.default_rng(0), cfg["image_size"]), tokenize(train_prompts)
+    x0 = gt.render_prompts(train_prompts, np.random.default_rng(0), cfg["image_size"])
+    ids = tokenize(train_prompts)
     net = gt.build_model(cfg).train()
     step = train_step_s(net, lambda: gt.shaped_loss(net, x0, ids, abar, 1, cfg["T"]))
     samples = 2 * args.n_eval + args.rounds * args.prompts_per_round * args.M
