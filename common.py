@@ -1,8 +1,6 @@
-"""common.py — what every graft script shares verbatim: noise schedules and time grids, EMA, the acceptance
-rules, checkpoints (a local path or `hf:org/repo/file`), seeding / device / AMP / compile,
-confidence intervals, the Frechet distance and atomic JSON output.
-No algorithm, flags or validators: those live in each task script.
-"""
+"""common.py — what every graft script shares verbatim: schedules and time grids, EMA, checkpoints (a path or
+`hf:org/repo/file`), seed / device / AMP / compile, confidence intervals, the Frechet distance, JSON output.
+No algorithm, flags or validators: those live in each task script (the acceptance rules in acceptance.py)."""
 import contextlib
 import hashlib
 import json
@@ -36,8 +34,7 @@ def noise_schedule(name, T, precision=1e-5):
 
 
 def time_grid(T, N):
-    """tau_0 = 0 < tau_1 < ... < tau_N = T: the sampler's N steps,
-    evenly spaced integers of the T-step schedule."""
+    """tau_0 = 0 < tau_1 < ... < tau_N = T: the sampler's N steps, evenly spaced integers of 0..T."""
     return torch.round(torch.linspace(0, T, N + 1)).long()
 
 
@@ -49,80 +46,22 @@ def ema_update(ema_model, model, decay):
         e.copy_(b)
 
 
-# -- acceptance rules (paper Alg. 1; docs/method.md §2) ------------------------------------------------------
-
-def accept_top_k(rewards, K):
-    """Indices of the K largest rewards (Top-K of M; K = 1 is Best-of-N).
-    Ties broken by index, deterministic."""
-    return torch.argsort(-torch.as_tensor(rewards, dtype=torch.float64), stable=True)[:K]
-
-
-def dedup_first(keys):
-    """Indices of the first occurrence of every distinct key (None keys are dropped: they have no identity,
-    e.g. an invalid molecule).
-    Applied before ranking, it adds -log(#copies) to the reshaped reward (docs/method.md §2)."""
-    first = {}
-    for i, k in enumerate(keys):
-        first.setdefault(k, i)
-    return torch.tensor(sorted(i for k, i in first.items() if k is not None), dtype=torch.long)
-
-
-def stratum_quotas(groups, K):
-    """K split over strata in proportion to their sizes (largest remainders, so the quotas sum to K): the
-    accepted set keeps the sampled histogram of the stratifying condition. Returns {stratum: quota}."""
-    values, counts = np.unique(np.asarray(groups), return_counts=True)
-    share = K * counts / counts.sum()
-    quota = np.floor(share).astype(int)
-    for i in np.argsort(-(share - quota), kind="stable")[: K - quota.sum()]:
-        quota[i] += 1
-    return dict(zip(values.tolist(), quota.tolist()))
-
-
-def accept(rewards, rule, K=None, tau=None, keys=None, groups=None):
-    """One call for every rule: 'top_k' (Top-K of M), 'best_of_n' (K = 1), 'threshold' (r >= tau). With
-    `keys`, duplicates are removed first and the rule ranks the survivors. With `groups` (top_k only), Top-K
-    runs within each stratum, K split by stratum_quotas: per prompt, as the paper's text-to-image Top-K, or
-    per element count. Returns indices into rewards."""
-    rewards = torch.as_tensor(rewards, dtype=torch.float64)
-    pool = dedup_first(keys) if keys is not None else torch.arange(len(rewards))
-    r = rewards[pool]
-    if rule == "top_k" and groups is not None:
-        in_pool, sel = np.asarray(groups)[pool.numpy()], []
-        for g, k in stratum_quotas(groups, K).items():
-            ids = torch.as_tensor(np.nonzero(in_pool == g)[0], dtype=torch.long)
-            sel.append(ids[accept_top_k(r[ids], min(k, len(ids)))])
-        sel = torch.cat(sel).sort().values
-    elif rule in ("top_k", "best_of_n"):
-        sel = accept_top_k(r, min(K if rule == "top_k" else 1, len(pool)))
-    elif rule == "threshold":                                                  # r >= tau
-        sel = torch.nonzero(r >= tau).flatten()
-    else:
-        raise ValueError(f"unknown acceptance rule {rule!r}")
-    return pool[sel]
-
-
 # -- checkpoints: {'config': JSON-able, 'state_dicts': {name: state_dict}, 'extra': JSON-able} ---------------
 
 class CheckpointError(Exception):
     """A checkpoint that is missing, corrupt or does not fit; scripts turn it into one error line."""
 
 
-def _to_cpu(v):
-    """Every tensor in nested dicts / lists / tuples (optimizer states nest them) moved to the CPU."""
-    if isinstance(v, dict):
-        return {k: _to_cpu(x) for k, x in v.items()}
-    return v.cpu() if torch.is_tensor(v) else type(v)(map(_to_cpu, v)) if isinstance(v, (list, tuple)) else v
-
-
 def save_checkpoint(path, state_dicts, config, extra=None):
-    """Atomic write, tensors on the CPU (a GPU-trained checkpoint loads anywhere with a plain torch.load)."""
+    """Atomic write, every tensor (optimizer states nest them) on the CPU, so it loads anywhere."""
     json.dumps(config), json.dumps(extra)  # fail here, not at load time, if something is not JSON-able
     path = os.path.abspath(path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
     os.close(fd)
     try:
-        torch.save({"config": config, "state_dicts": _to_cpu(state_dicts), "extra": extra}, tmp)
+        cpu = torch.utils._pytree.tree_map(lambda v: v.cpu() if torch.is_tensor(v) else v, state_dicts)
+        torch.save({"config": config, "state_dicts": cpu, "extra": extra}, tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -195,9 +134,7 @@ def autocast(device, enabled):
 
 def maybe_compile(module, enabled):
     """Opt-in torch.compile, in place: the module keeps its identity and its state_dict keys."""
-    if enabled:
-        module.compile(dynamic=True)
-    return module
+    return module.compile(dynamic=True) or module if enabled else module
 
 
 def parse_with_presets(p, argv, presets):
@@ -263,6 +200,7 @@ def cached(path, compute):
 
 
 def sha1_file(path):
+    """The first 12 hex digits of a file's sha1 (cache keys name the checkpoint they evaluate)."""
     with open(path, "rb") as f:
         return hashlib.sha1(f.read()).hexdigest()[:12]
 

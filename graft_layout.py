@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import acceptance
 import common
 import pretraining
 from layouts import (CLASSES, MAX_N, Denoiser, LayoutFID, alignment, evaluate, fid_network, layout_keys,
@@ -447,7 +448,7 @@ def graft_round(args, ref, ft, opt, abar, n_elem, desc):
     hi, lo, N_I = (ref, ref, args.N_I) if args.sample_from == "reference" else samplers(args, ref, ft)
     res = sample(hi, lo, n_elem, abar, args.N, N_I, args.sample_batch, args.grid, args.amp, desc)
     r, keys = score(res, REWARDS[args.reward]), layout_keys(res["boxes"], res["labels"])
-    acc = common.accept(r, args.accept, K=args.K, tau=args.tau, keys=keys if args.dedup else None,
+    acc = acceptance.accept(r, args.accept, K=args.K, tau=args.tau, keys=keys if args.dedup else None,
                         groups=n_elem if args.stratify else None)
     if len(acc) == 0:
         raise SystemExit(f"graft_layout: {desc} accepted no sample; lower --tau or raise --M")

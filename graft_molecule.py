@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import acceptance
 import common
 import pretraining
 from egnn import EGNNDynamics, edm_state_dict, remove_mean
@@ -440,7 +441,7 @@ def graft_round(args, ref, ft, opt, abar, n_atoms, desc):
     hi, lo, N_I = (ref, ref, args.N_I) if args.sample_from == "reference" else samplers(args, ref, ft)
     res = sample(hi, lo, n_atoms, abar, args.N, N_I, args.sample_batch, args.amp, desc)
     mols, r = score(res, REWARDS[args.reward])
-    acc = common.accept(r, args.accept, K=args.K, tau=args.tau, keys=[m.smiles for m in mols] if args.dedup
+    acc = acceptance.accept(r, args.accept, K=args.K, tau=args.tau, keys=[m.smiles for m in mols] if args.dedup
                         else None, groups=n_atoms if args.stratify else None)
     if len(acc) == 0:
         raise SystemExit(f"graft_molecule: {desc} accepted no sample; lower --tau or raise --M")

@@ -26,6 +26,7 @@ import time
 import numpy as np
 import torch
 
+import acceptance
 import common
 import pretraining
 from t2i_unet import T2IUNet
@@ -460,13 +461,13 @@ def train_on_accepted(ft, opt, x_acc, ids_acc, abar, args, gen):
 
 def graft_round(args, ref, ft, opt, abar, prompts, groups, gen):
     """Paper Alg. 1 / 2 for text-to-image: P x M images, their rewards, the Top-K of each prompt
-    (common.accept with groups = prompt index: stratum_quotas gives exactly K per prompt), training on the
+    (acceptance.accept with groups = prompt index: stratum_quotas gives exactly K per prompt), training on the
     accepted x_s (P-GRAFT) or x_0 (GRAFT, RP-GRAFT). Returns (images, rewards, accepted, gradient calls)."""
     hi, lo, N_I = (ref, ref, args.N_I) if args.sample_from == "reference" else samplers(args, ref, ft)
     res = sample(hi, lo, prompts, abar, args.N, N_I, args.eta, args.guidance, args.sample_batch, gen,
                  args.amp, args.image_size)
     r = score(res["x0"], prompts, get_reward(args.reward, args.device))
-    acc = common.accept(r, "top_k", K=args.K * args.prompts_per_round, groups=groups)
+    acc = acceptance.accept(r, "top_k", K=args.K * args.prompts_per_round, groups=groups)
     data = res["x0"] if args.rp else res["x_s"]                              # x_s is x_0 when N_I = 0
     return res["x0"], r, acc, train_on_accepted(ft, opt, data[acc], tokenize(prompts)[acc], abar, args, gen)
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from scipy import stats
 
+import acceptance
 import common
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,71 +54,71 @@ def test_accept_top_k_returns_the_k_largest():
     g = torch.Generator().manual_seed(0)
     r = torch.randn(50, generator=g)
     for K in (1, 5, 50):
-        idx = common.accept_top_k(r, K)
+        idx = acceptance.accept_top_k(r, K)
         assert len(idx) == K and len(set(idx.tolist())) == K
         assert set(idx.tolist()) == set(np.argsort(-r.numpy())[:K].tolist())
         rest = np.delete(r.numpy(), idx.numpy())
         assert rest.size == 0 or r[idx].min().item() >= rest.max()
     # ties are broken by index, deterministically
-    assert common.accept_top_k([1.0, 3.0, 3.0, 0.0, 3.0], 2).tolist() == [1, 2]
-    assert common.accept(np.array([1.0, 3.0, 2.0]), "top_k", K=2).tolist() == [1, 2]
+    assert acceptance.accept_top_k([1.0, 3.0, 3.0, 0.0, 3.0], 2).tolist() == [1, 2]
+    assert acceptance.accept(np.array([1.0, 3.0, 2.0]), "top_k", K=2).tolist() == [1, 2]
 
 
 def test_accept_dedup_keeps_one_copy_per_key_before_ranking():
     rewards = [5.0, 9.0, 9.0, 1.0, 7.0, 8.0]
     keys = ["a", "b", "b", None, "c", "b"]
     # without keys the duplicate 'b's crowd out 'c'
-    assert common.accept(rewards, "top_k", K=2).tolist() == [1, 2]
+    assert acceptance.accept(rewards, "top_k", K=2).tolist() == [1, 2]
     # with keys: one 'b' (the first copy), the None key (no identity, e.g. invalid molecule) dropped
-    assert common.accept(rewards, "top_k", K=2, keys=keys).tolist() == [1, 4]
-    assert sorted(common.accept(rewards, "top_k", K=10, keys=keys).tolist()) == [0, 1, 4]
-    assert common.accept(rewards, "best_of_n", keys=keys).tolist() == [1]
-    assert common.accept(rewards, "threshold", tau=6.0, keys=keys).tolist() == [1, 4]
-    assert common.dedup_first(keys).tolist() == [0, 1, 4]
-    assert common.accept(rewards, "top_k", K=3, keys=[None] * 6).numel() == 0
+    assert acceptance.accept(rewards, "top_k", K=2, keys=keys).tolist() == [1, 4]
+    assert sorted(acceptance.accept(rewards, "top_k", K=10, keys=keys).tolist()) == [0, 1, 4]
+    assert acceptance.accept(rewards, "best_of_n", keys=keys).tolist() == [1]
+    assert acceptance.accept(rewards, "threshold", tau=6.0, keys=keys).tolist() == [1, 4]
+    assert acceptance.dedup_first(keys).tolist() == [0, 1, 4]
+    assert acceptance.accept(rewards, "top_k", K=3, keys=[None] * 6).numel() == 0
 
 
 def test_stratified_top_k_keeps_the_size_histogram_and_ranks_within_each_size():
     g = torch.Generator().manual_seed(3)
     sizes = torch.randint(3, 9, (1000,), generator=g).numpy()                  # the sampler's condition
     r = torch.randn(1000, generator=g).double() + torch.as_tensor(sizes) * 0.5  # big sizes score better
-    quotas = common.stratum_quotas(sizes, 100)
+    quotas = acceptance.stratum_quotas(sizes, 100)
     assert sum(quotas.values()) == 100
     for s, k in quotas.items():
         assert abs(k - 100 * np.mean(sizes == s)) < 1                          # proportional, rounded
-    acc = common.accept(r, "top_k", K=100, groups=sizes).numpy()
+    acc = acceptance.accept(r, "top_k", K=100, groups=sizes).numpy()
     assert len(acc) == 100 and len(set(acc.tolist())) == 100
     for s, k in quotas.items():
         mine = acc[sizes[acc] == s]
         assert len(mine) == k
         others = np.setdiff1d(np.nonzero(sizes == s)[0], mine)
         assert r[mine].min() >= r[others].max()                                # the best k of that size
-    plain = common.accept(r, "top_k", K=100).numpy()
+    plain = acceptance.accept(r, "top_k", K=100).numpy()
     assert np.mean(sizes[plain] == 8) > 0.5 > np.mean(sizes[acc] == 8)         # unstratified favours size 8
     # with de-duplication the quotas still come from all M draws;
     # a stratum short of survivors gives what it has
     keys = ["dup" if s == 8 else str(i) for i, s in enumerate(sizes)]
-    acc = common.accept(r, "top_k", K=100, keys=keys, groups=sizes).numpy()
+    acc = acceptance.accept(r, "top_k", K=100, keys=keys, groups=sizes).numpy()
     assert (sizes[acc] == 8).sum() == 1 and len(acc) == 100 - quotas[8] + 1
 
 
 def test_accept_threshold_keeps_r_at_least_tau():
     r = torch.tensor([0.2, 0.5, 0.7, 0.5, 0.1])
-    assert common.accept(r, "threshold", tau=0.5).tolist() == [1, 2, 3]  # r >= tau, inclusive
-    assert common.accept(r, "threshold", tau=0.71).numel() == 0
-    assert common.accept(r, "threshold", tau=-1).tolist() == [0, 1, 2, 3, 4]
+    assert acceptance.accept(r, "threshold", tau=0.5).tolist() == [1, 2, 3]  # r >= tau, inclusive
+    assert acceptance.accept(r, "threshold", tau=0.71).numel() == 0
+    assert acceptance.accept(r, "threshold", tau=-1).tolist() == [0, 1, 2, 3, 4]
 
 
 def test_best_of_n_is_the_argmax():
     g = torch.Generator().manual_seed(1)
     for _ in range(20):
         r = torch.randn(17, generator=g)
-        assert common.accept(r, "best_of_n").tolist() == [int(torch.argmax(r))]
+        assert acceptance.accept(r, "best_of_n").tolist() == [int(torch.argmax(r))]
 
 
 def test_accept_rejects_unknown_rule():
     with pytest.raises(ValueError):
-        common.accept([1.0, 2.0], "nosuch")
+        acceptance.accept([1.0, 2.0], "nosuch")
 
 
 def _top_k_density(x, M, K, k_in_binom=None):
@@ -144,7 +145,7 @@ def test_top_k_acceptance_matches_order_statistics():
     M, K, rounds = 10, 2, 20_000
     g = torch.Generator().manual_seed(0)
     x = torch.randn(rounds, M, generator=g, dtype=torch.float64)           # p_ref = N(0, 1), r(x) = x
-    acc = np.concatenate([x[i][common.accept_top_k(x[i], K)].numpy() for i in range(rounds)])
+    acc = np.concatenate([x[i][acceptance.accept_top_k(x[i], K)].numpy() for i in range(rounds)])
     assert acc.shape == (rounds * K,)
 
     grid = np.linspace(-9, 9, 180_001)

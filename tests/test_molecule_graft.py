@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import acceptance
 import common
 import graft_molecule as gm
 from test_molecule import CFG_TINY, ROOT, _tetrahedral_ch4, _types
@@ -27,10 +28,10 @@ def test_dedup_keeps_one_copy_per_smiles():
     assert keys[0] == keys[2] == keys[3] != keys[1]
     r = gm.reward_stable(mols)
     assert r.tolist() == [1.0] * 5
-    acc = common.accept(r, "top_k", K=5, keys=keys)
+    acc = acceptance.accept(r, "top_k", K=5, keys=keys)
     # one water, one methane: K is not filled by copies
     assert sorted(acc.tolist()) == [0, 1]
-    assert common.accept(r, "top_k", K=5).tolist() == [0, 1, 2, 3, 4]
+    assert acceptance.accept(r, "top_k", K=5).tolist() == [0, 1, 2, 3, 4]
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import acceptance
 import common
 import graft_t2i as gt
 from t2i_world import CATEGORIES, split_prompts, tokenize
@@ -195,7 +196,7 @@ def test_per_prompt_top_k_keeps_exactly_k_best_per_prompt():
     rng = np.random.default_rng(0)
     r = torch.tensor(rng.random(P * M))
     groups = np.repeat(np.arange(P), M)
-    acc = common.accept(r, "top_k", K=K * P, groups=groups).numpy()
+    acc = acceptance.accept(r, "top_k", K=K * P, groups=groups).numpy()
     assert len(acc) == P * K
     for p in range(P):
         mine = acc[groups[acc] == p]
@@ -204,7 +205,7 @@ def test_per_prompt_top_k_keeps_exactly_k_best_per_prompt():
     # a prompt with all-high rewards does not take another's slots
     r2 = r.clone()
     r2[:M] += 10
-    acc2 = common.accept(r2, "top_k", K=K * P, groups=groups).numpy()
+    acc2 = acceptance.accept(r2, "top_k", K=K * P, groups=groups).numpy()
     assert (np.bincount(groups[acc2], minlength=P) == K).all()
 
 
