@@ -52,16 +52,22 @@ class CheckpointError(Exception):
     """A checkpoint that is missing, corrupt or does not fit; scripts turn it into one error line."""
 
 
+def _to_cpu(v):
+    """Every tensor in nested dicts / lists / tuples (optimizer states nest them) moved to the CPU."""
+    if isinstance(v, dict):
+        return {k: _to_cpu(x) for k, x in v.items()}
+    return v.cpu() if torch.is_tensor(v) else type(v)(map(_to_cpu, v)) if isinstance(v, (list, tuple)) else v
+
+
 def save_checkpoint(path, state_dicts, config, extra=None):
-    """Atomic write, every tensor (optimizer states nest them) on the CPU, so it loads anywhere."""
+    """Atomic write, tensors on the CPU (a GPU-trained checkpoint loads anywhere with a plain torch.load)."""
     json.dumps(config), json.dumps(extra)  # fail here, not at load time, if something is not JSON-able
     path = os.path.abspath(path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
     os.close(fd)
     try:
-        cpu = torch.utils._pytree.tree_map(lambda v: v.cpu() if torch.is_tensor(v) else v, state_dicts)
-        torch.save({"config": config, "state_dicts": cpu, "extra": extra}, tmp)
+        torch.save({"config": config, "state_dicts": _to_cpu(state_dicts), "extra": extra}, tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -134,7 +140,9 @@ def autocast(device, enabled):
 
 def maybe_compile(module, enabled):
     """Opt-in torch.compile, in place: the module keeps its identity and its state_dict keys."""
-    return module.compile(dynamic=True) or module if enabled else module
+    if enabled:
+        module.compile(dynamic=True)
+    return module
 
 
 def parse_with_presets(p, argv, presets):

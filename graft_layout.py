@@ -449,7 +449,7 @@ def graft_round(args, ref, ft, opt, abar, n_elem, desc):
     res = sample(hi, lo, n_elem, abar, args.N, N_I, args.sample_batch, args.grid, args.amp, desc)
     r, keys = score(res, REWARDS[args.reward]), layout_keys(res["boxes"], res["labels"])
     acc = acceptance.accept(r, args.accept, K=args.K, tau=args.tau, keys=keys if args.dedup else None,
-                        groups=n_elem if args.stratify else None)
+                            groups=n_elem if args.stratify else None)
     if len(acc) == 0:
         raise SystemExit(f"graft_layout: {desc} accepted no sample; lower --tau or raise --M")
     # P-GRAFT trains on x_s, the others on the clean layout

@@ -441,8 +441,9 @@ def graft_round(args, ref, ft, opt, abar, n_atoms, desc):
     hi, lo, N_I = (ref, ref, args.N_I) if args.sample_from == "reference" else samplers(args, ref, ft)
     res = sample(hi, lo, n_atoms, abar, args.N, N_I, args.sample_batch, args.amp, desc)
     mols, r = score(res, REWARDS[args.reward])
-    acc = acceptance.accept(r, args.accept, K=args.K, tau=args.tau, keys=[m.smiles for m in mols] if args.dedup
-                        else None, groups=n_atoms if args.stratify else None)
+    keys = [m.smiles for m in mols] if args.dedup else None
+    acc = acceptance.accept(r, args.accept, K=args.K, tau=args.tau, keys=keys,
+                            groups=n_atoms if args.stratify else None)
     if len(acc) == 0:
         raise SystemExit(f"graft_molecule: {desc} accepted no sample; lower --tau or raise --M")
     keep_x_s, charges = args.N_I > 0 and not args.rp, ft.h_nf == 6            # h_nf 6: EDM's charge feature

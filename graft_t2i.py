@@ -461,8 +461,9 @@ def train_on_accepted(ft, opt, x_acc, ids_acc, abar, args, gen):
 
 def graft_round(args, ref, ft, opt, abar, prompts, groups, gen):
     """Paper Alg. 1 / 2 for text-to-image: P x M images, their rewards, the Top-K of each prompt
-    (acceptance.accept with groups = prompt index: stratum_quotas gives exactly K per prompt), training on the
-    accepted x_s (P-GRAFT) or x_0 (GRAFT, RP-GRAFT). Returns (images, rewards, accepted, gradient calls)."""
+    (acceptance.accept with groups = prompt index: stratum_quotas gives exactly K per prompt), training on
+    the accepted x_s (P-GRAFT) or x_0 (GRAFT, RP-GRAFT).
+    Returns (images, rewards, accepted, gradient calls)."""
     hi, lo, N_I = (ref, ref, args.N_I) if args.sample_from == "reference" else samplers(args, ref, ft)
     res = sample(hi, lo, prompts, abar, args.N, N_I, args.eta, args.guidance, args.sample_batch, gen,
                  args.amp, args.image_size)
