@@ -30,8 +30,8 @@ import acceptance
 import common
 import pretraining
 from t2i_unet import T2IUNet
-from t2i_world import (CATEGORIES, check_batch, parse_prompt, render_batch, sample_scene, split_prompts,
-                       to_tensor, to_uint8, tokenize, vocabulary)
+from t2i_world import (CATEGORIES, check_batch, diversity, parse_prompt, read_prompt_file, render_batch,
+                       sample_scene, save_grid, split_prompts, to_tensor, to_uint8, tokenize, vocabulary)
 
 # -- config: presets, flags, the derived quantities printed at start -----------------------------------------
 
@@ -68,7 +68,8 @@ def build_parser():
     a("--algo", choices=["graft", "ddpo"], default="graft", help="rejection-sampling fine-tuning or DDPO")
     a("--n_i", type=float, default=0.0, help="P-GRAFT switch: N_I = round(n_i N); 0 is plain GRAFT")
     a("--rp", action="store_true", help="RP-GRAFT: reference above s, fine-tuned model below (ablation)")
-    a("--reward", default="checker", help="fine-tuning reward: vqa (VQAScore's analogue) or checker (0/1)")
+    a("--reward", default="vqa", help="fine-tuning reward: vqa (VQAScore's analogue, t2i_vqa.py) or checker "
+      "(the 0/1 programmatic check; then the evaluation's checker is the reward itself)")
     a("--eval_only", action="store_true", help="only evaluate the reference model")
     a("--measure_variance", action="store_true", help="E[Var(r(X_0)|X_t)] on a grid of n_i (var_P x var_R)")
     a("--var_P", type=int, default=64, help="--measure_variance: intermediate states per n_i")
@@ -173,27 +174,11 @@ def spec_of(prompt):
 
 
 def read_prompts(path, world=True):
-    """One prompt per line ('#' comments and blanks skipped); each must tokenize (the model's vocabulary) and,
-    with a reward or checker of the world, parse in its grammar. One error line naming the line otherwise."""
-    if not os.path.isfile(path):
-        raise SystemExit(f"graft_t2i: prompt file {path!r} does not exist")
-    out = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            text = line.split("#", 1)[0].strip()
-            if not text:
-                continue
-            try:
-                tokenize([text])
-                if world:
-                    spec_of(text)
-            except ValueError as e:
-                raise SystemExit(f"graft_t2i: {path}:{n}: not a prompt of the world's grammar ({e})") \
-                    from None
-            out.append(text)
-    if not out:
-        raise SystemExit(f"graft_t2i: {path} holds no prompt")
-    return out
+    """t2i_world.read_prompt_file; its problem (a missing file, a line outside the grammar) as one line."""
+    try:
+        return read_prompt_file(path, world)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"graft_t2i: {e}") from None
 
 
 def draw_prompts(pools, n, rng):
@@ -411,7 +396,7 @@ def score(images, prompts, reward_fn, what="reward"):
     return r
 
 
-# -- fine-tuning: GRAFT / P-GRAFT / RP-GRAFT (paper Alg. 1-2) and DDPO (docs/method.md §4) -------------------
+# -- fine-tuning: GRAFT / P-GRAFT / RP-GRAFT (paper Alg. 1-2) and DDPO (docs/method.md §4) ---------------
 
 def method_name(args):
     return "ddpo" if args.algo == "ddpo" else "rpgraft" if args.rp else "pgraft" if args.N_I > 0 else "graft"
@@ -615,31 +600,13 @@ def pretrain(args, device):
 
 
 def export(path, dest):
-    """The EMA weights of a pre-training run, with how they were made, as the shipped reference checkpoint."""
     try:
-        ckpt = common.load_checkpoint(path)
+        pretraining.export_ema(path, dest, hardware())
     except common.CheckpointError as e:
         raise SystemExit(f"graft_t2i: {e}")
-    extra = dict(ckpt["extra"], exported_from=path,
-                 hardware=ckpt["extra"].get("hardware", "") + "; " + hardware())
-    common.save_checkpoint(dest, {"ema": ckpt["state_dicts"]["ema"]}, ckpt["config"], extra)
-    print(f"exported {dest} (step {extra['step']}, {extra['wall_s'] / 3600:.2f} h, "
-          f"loss {extra['loss_last_100']})")
 
 
 # -- evaluation on held-out prompts: reward, judge, checker (GenEval's analogue), diversity -----------------
-
-def diversity(x0, prompts):
-    """Per prompt, the mean pairwise RMS distance (per pixel, in [-1, 1] units) between its images from
-    different seeds, then mean_ci95 over prompts: a model collapsing onto one image per prompt shows as a
-    drop."""
-    by = {}
-    for i, p in enumerate(prompts):
-        by.setdefault(p, []).append(i)
-    d = [float(torch.pdist(x0[idx].flatten(1)).mean()) / np.sqrt(x0[0].numel())
-         for idx in by.values() if len(idx) > 1]
-    return common.mean_ci95(d)
-
 
 def image_metrics(x0, prompts, r, judge):
     """The three side by side, overall and per category (0/1 checker: Wilson intervals)."""
@@ -647,7 +614,7 @@ def image_metrics(x0, prompts, r, judge):
     per = lambda m: {"checker": common.mean_ci95(ok[m]), "reward": common.mean_ci95(r[m]),
                      "judge": common.mean_ci95(judge[m]) if judge is not None else None, "n": int(m.sum())}
     return per(np.ones(len(ok), bool)) | {
-        "diversity": diversity(x0, prompts),
+        "diversity": common.mean_ci95(diversity(x0, prompts)),
         "per_category": {c: per(cats == c) for c in CATEGORIES if (cats == c).any()}}
 
 
@@ -668,39 +635,15 @@ def evaluate_sampler(hi, lo, N_I, args, abar, prompts, desc):
 
 
 def reference_eval(args, ref, abar, prompts):
-    """The reference's evaluation, cached by (checkpoint bytes, sampler, prompts, seed, reward) like
-    graft_molecule.reference_eval: every run of a sweep compares against the same numbers."""
+    """The reference's evaluation, cached by (checkpoint bytes, sampler, prompts, seed, reward, the VQA
+    networks' bytes) like graft_molecule.reference_eval: every run of a sweep compares against the same
+    numbers."""
     import hashlib
+    scorers = [common.sha1_file(VQA.format(w)) for w in ("reward", "judge") if os.path.isfile(VQA.format(w))]
     tag = hashlib.sha1(repr((common.sha1_file(common.resolve_ref(args.ref)), args.N, args.eta, args.guidance,
-                             args.seed, args.reward, prompts)).encode()).hexdigest()[:16]
+                             args.seed, args.reward, prompts, scorers)).encode()).hexdigest()[:16]
     return common.cached(os.path.join("runs", "t2i_reference_evals", tag), lambda: (lambda ev, im: (
         ev, {"images": im}))(*evaluate_sampler(ref, ref, 0, args, abar, prompts, "reference eval")))
-
-
-def save_grid(path, ref_images, ft_images, prompts, per_cat=2, seeds=4, scale=4):
-    """For per_cat held-out prompts of each category: `seeds` reference images, then the fine-tuned model's
-    from the same seeds, captioned with the prompt; upscaled x4 (nearest)."""
-    from PIL import Image, ImageDraw, ImageFont
-    rows, seen = [], {}
-    for i, p in enumerate(prompts):
-        c = spec_of(p).category
-        fresh = p not in [prompts[j] for j in rows] and prompts[i:i + seeds] == [p] * seeds
-        if fresh and seen.get(c, 0) < per_cat:
-            rows.append(i), seen.__setitem__(c, seen.get(c, 0) + 1)
-    cell, font = ref_images.shape[1] * scale, ImageFont.load_default(12)
-    cols = seeds * (cell + 4) + 16
-    sets = [("reference", ref_images)] + ([("fine-tuned, same seeds", ft_images)] if ft_images is not None
-                                           else [])
-    sheet = Image.new("RGB", (len(sets) * cols, len(rows) * (cell + 18) + 18), "white")
-    draw = ImageDraw.Draw(sheet)
-    for k, (name, ims) in enumerate(sets):
-        draw.text((k * cols + 4, 2), name, fill="black", font=font)
-        for r, i in enumerate(rows):                                   # a caption line, then the images
-            draw.text((4, 18 + r * (cell + 18)), prompts[i], fill="black", font=font) if k == 0 else None
-            for j in range(seeds):
-                im = Image.fromarray(ims[i + j]).resize((cell, cell), Image.NEAREST)
-                sheet.paste(im, (k * cols + j * (cell + 4), 32 + r * (cell + 18)))
-    sheet.save(path)
 
 
 def plot_rounds(out, rounds, reference, reward):

@@ -99,3 +99,14 @@ def train_resumable(path, config, model, ema, opt, batches, loss_fn, total_steps
         save()
     bar.close()
     return step
+
+
+def export_ema(path, dest, hardware):
+    """The EMA weights of the pre-training run at `path`, with how they were made (its extra, plus where they
+    were exported and on what `hardware`), written to `dest` as a shipped reference checkpoint."""
+    ckpt = common.load_checkpoint(path)
+    extra = dict(ckpt["extra"], exported_from=path,
+                 hardware=ckpt["extra"].get("hardware", "") + "; " + hardware)
+    common.save_checkpoint(dest, {"ema": ckpt["state_dicts"]["ema"]}, ckpt["config"], extra)
+    print(f"exported {dest} (step {extra['step']}, {extra['wall_s'] / 3600:.2f} h, "
+          f"loss {extra['loss_last_100']})")

@@ -52,6 +52,7 @@ Measured: 100% on clean renders at 32 / 48 / 64 px and on blur 0.5 px + noise st
 shapes blend (circle / square, diamond / cross) and about half the scenes fail.
 """
 import functools
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -300,13 +301,14 @@ MAX_WORDS = 10             # the longest prompt has 8 words ('a purple square le
 
 def tokenize(prompts, length=MAX_WORDS):
     """Prompts -> word ids (B, length) long, 1 + the word's index in vocabulary(), 0 padding: the input of the
-    text encoders (the diffusion model's and the yes/no models'). A word outside the grammar raises ValueError."""
+    text encoders (the diffusion model's and the yes/no models'). A word outside the grammar: ValueError."""
     ids = {w: i + 1 for i, w in enumerate(vocabulary())}
     out = torch.zeros(len(prompts), length, dtype=torch.long)
     for b, text in enumerate(prompts):
         words = text.lower().split()
         if len(words) > length or any(w not in ids for w in words):
-            raise ValueError(f"{text!r} is not a prompt of the world's grammar (unknown word or over {length} words)")
+            raise ValueError(f"{text!r} is not a prompt of the world's grammar "
+                             f"(unknown word or over {length} words)")
         out[b, :len(words)] = torch.tensor([ids[w] for w in words], dtype=torch.long)
     return out
 
@@ -341,6 +343,29 @@ def split_prompts():
     return {cat: {"train": [prompt(s) for s in specs if not is_heldout(s)],
                   "heldout": [prompt(s) for s in specs if is_heldout(s)]}
             for cat, specs in all_specs().items()}
+
+
+def read_prompt_file(path, grammar=True):
+    """One prompt per line ('#' comments and blanks skipped); each must tokenize and, with `grammar`, parse.
+    FileNotFoundError for a missing file, ValueError naming the line (or an empty file) otherwise."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"prompt file {path!r} does not exist")
+    out = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            text = line.split("#", 1)[0].strip()
+            if not text:
+                continue
+            try:
+                tokenize([text])
+                if grammar:
+                    parse_prompt(text)
+            except ValueError as e:
+                raise ValueError(f"{path}:{n}: not a prompt of the world's grammar ({e})") from None
+            out.append(text)
+    if not out:
+        raise ValueError(f"{path} holds no prompt")
+    return out
 
 
 # -- scenes: sampling and hard negatives -------------------------------------------------------------------
@@ -572,6 +597,17 @@ def check_batch(images, specs):
     return np.array([check(im, s) for im, s in zip(images, specs)], bool)
 
 
+def diversity(images, prompts):
+    """Per prompt with two images or more, the mean pairwise RMS distance (per pixel, in [-1, 1] units)
+    between its images (B, 3, H, W) from different seeds: a model collapsing onto one image per prompt shows
+    as a drop."""
+    by = {}
+    for i, p in enumerate(prompts):
+        by.setdefault(p, []).append(i)
+    return [float(torch.pdist(images[idx].flatten(1)).mean()) / np.sqrt(images[0].numel())
+            for idx in by.values() if len(idx) > 1]
+
+
 # -- a look at the world -----------------------------------------------------------------------------------
 
 def _wrap(draw, text, font, width):
@@ -607,3 +643,28 @@ def save_examples(path, size=32, scale=4, per_row=6, seed=0):
                 draw.text((left, top + cell + 2 + 12 * k), line, fill="black", font=font)
     sheet.save(path)
     return path
+
+
+def save_grid(path, ref_images, ft_images, prompts, per_cat=2, seeds=4, scale=4):
+    """For per_cat held-out prompts of each category: `seeds` reference images, then the fine-tuned model's
+    from the same seeds, captioned with the prompt; upscaled x4 (nearest)."""
+    rows, seen = [], {}
+    for i, p in enumerate(prompts):
+        c = parse_prompt(p).category
+        fresh = p not in [prompts[j] for j in rows] and prompts[i:i + seeds] == [p] * seeds
+        if fresh and seen.get(c, 0) < per_cat:
+            rows.append(i), seen.__setitem__(c, seen.get(c, 0) + 1)
+    cell, font = ref_images.shape[1] * scale, ImageFont.load_default(12)
+    cols = seeds * (cell + 4) + 16
+    sets = [("reference", ref_images)] + ([("fine-tuned, same seeds", ft_images)] if ft_images is not None
+                                           else [])
+    sheet = Image.new("RGB", (len(sets) * cols, len(rows) * (cell + 18) + 18), "white")
+    draw = ImageDraw.Draw(sheet)
+    for k, (name, ims) in enumerate(sets):
+        draw.text((k * cols + 4, 2), name, fill="black", font=font)
+        for r, i in enumerate(rows):                                   # a caption line, then the images
+            draw.text((4, 18 + r * (cell + 18)), prompts[i], fill="black", font=font) if k == 0 else None
+            for j in range(seeds):
+                im = Image.fromarray(ims[i + j]).resize((cell, cell), Image.NEAREST)
+                sheet.paste(im, (k * cols + j * (cell + 4), 32 + r * (cell + 18)))
+    sheet.save(path)

@@ -233,7 +233,7 @@ def test_prompt_pools_use_the_split():
 def _argv(ref, out, *extra):
     return ["--ref", ref, "--out", str(out), *TINY, "--N", "4", "--M", "4", "--K", "2", "--prompts_per_round",
             "3", "--ft_steps", "2", "--batch_size", "4", "--n_eval", "20", "--n_i", "0.5",
-            "--sample_batch", "8", *extra]
+            "--sample_batch", "8", "--reward", "checker", *extra]
 
 
 def test_resume_after_interrupted_round_matches_uninterrupted_run(tiny_ref, tmp_path, monkeypatch):
