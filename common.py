@@ -7,7 +7,6 @@ import json
 import math
 import os
 import random
-import tempfile
 import warnings
 
 import numpy as np
@@ -27,8 +26,7 @@ def noise_schedule(name, T, precision=1e-5):
     if name == "linear":
         return np.concatenate([[1.0], np.cumprod(1 - np.linspace(1e-4, 0.02, T))])
     if name == "cosine":
-        s = 0.008
-        f = np.cos((np.linspace(0, T, T + 1) / T + s) / (1 + s) * math.pi / 2) ** 2
+        f = np.cos((np.linspace(0, T, T + 1) / T + 0.008) / 1.008 * math.pi / 2) ** 2     # s = 0.008
         return np.clip(f / f[0], 1e-5, 1.0)
     raise ValueError(f"unknown noise schedule {name!r} (polynomial_2, linear, cosine)")
 
@@ -64,8 +62,7 @@ def save_checkpoint(path, state_dicts, config, extra=None):
     json.dumps(config), json.dumps(extra)  # fail here, not at load time, if something is not JSON-able
     path = os.path.abspath(path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-    os.close(fd)
+    tmp = f"{path}.{os.getpid()}.tmp"                                   # same folder: os.replace is atomic
     try:
         torch.save({"config": config, "state_dicts": _to_cpu(state_dicts), "extra": extra}, tmp)
         os.replace(tmp, path)
@@ -118,7 +115,7 @@ def load_state(module, state_dict, what):
                               f"pass the size flags it was trained with") from None
 
 
-# -- seeding, devices, AMP, compile, presets -----------------------------------------------------------------
+# -- seeding, devices, AMP, compile --------------------------------------------------------------------------
 
 def seed_everything(seed):
     random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
@@ -143,15 +140,6 @@ def maybe_compile(module, enabled):
     if enabled:
         module.compile(dynamic=True)
     return module
-
-
-def parse_with_presets(p, argv, presets):
-    """argparse, then every flag left unset (None) takes the chosen --preset's value."""
-    args = p.parse_args(argv)
-    for k, v in presets[args.preset].items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
-    return args
 
 
 # -- statistics and output -----------------------------------------------------------------------------------

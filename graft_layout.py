@@ -141,7 +141,9 @@ def parse_args(argv=None):
     """Flags, the preset's values for those left unset, one-line errors (exit 2), and the derived N_I, dedup,
     grid, ref and fid_net."""
     p = build_parser()
-    args = common.parse_with_presets(p, argv, PRESETS)
+    args = p.parse_args(argv)
+    unset = {k: v for k, v in PRESETS[args.preset].items() if getattr(args, k) is None}
+    vars(args).update(unset)                                   # flags left unset take the preset's values
     bad = [k for k in ("M", "K", "N", "T", "rounds", "n_eval", "batch_size", "sample_batch", "var_R", "var_P",
                        "d_model", "n_layers", "n_heads") if getattr(args, k) <= 0]
     if bad:

@@ -126,7 +126,9 @@ def parse_args(argv=None):
     """Flags, the preset's values for those left unset, one-line errors (exit 2),
     and the derived N_I, dedup."""
     p = build_parser()
-    args = common.parse_with_presets(p, argv, PRESETS)
+    args = p.parse_args(argv)
+    unset = {k: v for k, v in PRESETS[args.preset].items() if getattr(args, k) is None}
+    vars(args).update(unset)                                   # flags left unset take the preset's values
     if not 0 <= args.n_i < 1:
         p.error(f"--n_i must be in [0, 1), got {args.n_i}")
     if args.rp and args.n_i == 0:

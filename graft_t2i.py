@@ -30,8 +30,9 @@ import acceptance
 import common
 import pretraining
 from t2i_unet import T2IUNet
-from t2i_world import (CATEGORIES, check_batch, diversity, parse_prompt, read_prompt_file, render_batch,
-                       sample_scene, save_grid, split_prompts, to_tensor, to_uint8, tokenize, vocabulary)
+from t2i_world import (CATEGORIES, check_batch, diversity, draw_prompts, eval_prompt_list, parse_prompt,
+                       read_prompt_file, render_prompts, save_grid, split_prompts, to_uint8, tokenize,
+                       vocabulary)
 
 # -- config: presets, flags, the derived quantities printed at start -----------------------------------------
 
@@ -130,7 +131,9 @@ def build_parser():
 def parse_args(argv=None):
     """Flags, the preset's values for those left unset, one-line errors, and the derived N_I and ch_mult."""
     p = build_parser()
-    args = common.parse_with_presets(p, argv, PRESETS)
+    args = p.parse_args(argv)
+    unset = {k: v for k, v in PRESETS[args.preset].items() if getattr(args, k) is None}
+    vars(args).update(unset)                                   # flags left unset take the preset's values
     bad = [k for k in ("M", "K", "N", "T", "rounds", "n_eval", "batch_size", "sample_batch",
                        "prompts_per_round", "var_P", "var_R", "eval_per_prompt", "ddpo_batch", "ddpo_buffer",
                        "image_size", "ch")
@@ -181,12 +184,6 @@ def read_prompts(path, world=True):
         raise SystemExit(f"graft_t2i: {e}") from None
 
 
-def draw_prompts(pools, n, rng):
-    """n prompts: a category uniformly among the non-empty pools, then a prompt of it uniformly."""
-    cats = [c for c in pools if pools[c]]
-    return [pools[c][rng.integers(len(pools[c]))] for c in (cats[i] for i in rng.integers(len(cats), size=n))]
-
-
 def finetune_pools(args):
     if args.prompts:
         return {"file": read_prompts(args.prompts, args.reward in WORLD_REWARDS)}
@@ -194,22 +191,9 @@ def finetune_pools(args):
 
 
 def eval_prompts(args):
-    """n_eval prompts: eval_per_prompt copies each (the seeds of the diversity figure) of the held-out
-    prompts, a fixed shuffle of each category cycled to an equal share (the file's prompts cycled, with
-    --eval_prompts)."""
-    rng = np.random.default_rng(1234)
-    if args.eval_prompts:
-        pools = [read_prompts(args.eval_prompts)]                          # the checker needs the grammar
-    else:
-        pools = [list(rng.permutation(v["heldout"])) for v in split_prompts().values() if v["heldout"]]
-    per_pool = max(1, args.n_eval // (args.eval_per_prompt * len(pools)))
-    return [str(pool[i % len(pool)]) for pool in pools for i in range(per_pool)
-            for _ in range(args.eval_per_prompt)]
-
-
-def render_prompts(prompts, rng, size):
-    """Images (B, 3, size, size) in [-1, 1] of random scenes that satisfy the prompts."""
-    return to_tensor(render_batch([sample_scene(spec_of(p), rng) for p in prompts], size))
+    """n_eval held-out prompts, eval_per_prompt copies each, or the --eval_prompts file's cycled."""
+    return eval_prompt_list(args.n_eval, args.eval_per_prompt,
+                            read_prompts(args.eval_prompts) if args.eval_prompts else None)
 
 
 # -- model: text encoder + UNet (t2i_unet.py) ----------------------------------------------------------------

@@ -153,7 +153,9 @@ def _ints(p, name, text):
 
 def parse_args(argv=None):
     p = build_parser()
-    args = common.parse_with_presets(p, argv, PRESETS)
+    args = p.parse_args(argv)
+    unset = {k: v for k, v in PRESETS[args.preset].items() if getattr(args, k) is None}
+    vars(args).update(unset)                                   # flags left unset take the preset's values
     if sum([args.pretrain, args.train_corrector, args.eval_only]) > 1:
         p.error("choose at most one of --pretrain, --train_corrector, --eval_only")
     for k in ("ch", "n_res", "N", "n_b", "n_invert", "batch_size", "fid_seeds", "sample_batch", "n_ref",

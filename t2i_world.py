@@ -161,6 +161,11 @@ def render_batch(scenes, size=32):
     return np.stack([render(s, size) for s in scenes])
 
 
+def render_prompts(prompts, rng, size=32):
+    """Images (B, 3, size, size) in [-1, 1] of random scenes that satisfy the prompts."""
+    return to_tensor(render_batch([sample_scene(parse_prompt(p), rng) for p in prompts], size))
+
+
 def to_tensor(images):
     """uint8 (B, H, W, 3) images (array or list) -> float32 tensor (B, 3, H, W) in [-1, 1]."""
     x = torch.as_tensor(np.asarray(images), dtype=torch.float32)        # (B, H, W, 3)
@@ -366,6 +371,24 @@ def read_prompt_file(path, grammar=True):
     if not out:
         raise ValueError(f"{path} holds no prompt")
     return out
+
+
+def draw_prompts(pools, n, rng):
+    """n prompts of {name: [prompt]}: a pool uniformly among the non-empty ones, then a prompt of it
+    uniformly (the training prompts drawn category-balanced)."""
+    names = [c for c in pools if pools[c]]
+    chosen = (names[i] for i in rng.integers(len(names), size=n))
+    return [pools[c][rng.integers(len(pools[c]))] for c in chosen]
+
+
+def eval_prompt_list(n, per_prompt, pool=None):
+    """n evaluation prompts, `per_prompt` copies each (the seeds of a diversity figure): a fixed shuffle of
+    each category's held-out prompts cycled to an equal share, or `pool` (a user's list) cycled."""
+    rng = np.random.default_rng(1234)
+    pools = [pool] if pool else [list(rng.permutation(v["heldout"])) for v in split_prompts().values()
+                                 if v["heldout"]]
+    per_pool = max(1, n // (per_prompt * len(pools)))
+    return [str(p[i % len(p)]) for p in pools for i in range(per_pool) for _ in range(per_prompt)]
 
 
 # -- scenes: sampling and hard negatives -------------------------------------------------------------------
