@@ -53,8 +53,8 @@ PRESETS = {
 }
 # the settings a fine-tuning run's state.pt must share with the command that resumes it
 RESUME_KEYS = ("algo", "n_i", "rp", "M", "K", "prompts_per_round", "sample_from", "ft_steps", "ft_lr",
-               "ft_ema", "reward", "N", "eta", "guidance", "seed", "batch_size", "ddpo_lr", "ddpo_batch",
-               "ddpo_steps_frac", "ddpo_clip", "ddpo_buffer", "prompts")
+               "ft_ema", "ft_loss", "reward", "N", "eta", "guidance", "seed", "batch_size", "ddpo_lr",
+               "ddpo_batch", "ddpo_steps_frac", "ddpo_clip", "ddpo_buffer", "prompts")
 
 
 class Parser(argparse.ArgumentParser):
@@ -103,6 +103,8 @@ def build_parser():
       help="GRAFT: draw each round from the current model (tilts compound) or the reference (one tilt)")
     a("--ft_steps", type=int, help="fine-tuning gradient steps per round")
     a("--ft_lr", type=float, default=1e-4, help="fine-tuning learning rate (Adam)")
+    a("--ft_loss", choices=["eps", "v"], default="eps", help="fine-tuning loss: eps (DDPM's, shaped) or v "
+      "(the same weighted by abar_s / abar_t: count and layout, decided at high noise, weigh more)")
     a("--ft_ema", type=float, default=0.0, help="GRAFT: each round ends on its iterates' EMA (decay)")
     a("--batch_size", type=int, help="images per pre-training / fine-tuning step")
     a("--ddpo_lr", type=float, default=1e-5, help="DDPO learning rate (full fine-tuning)")
@@ -228,12 +230,13 @@ def make_abar(cfg):
     return torch.tensor(common.noise_schedule(cfg["schedule"], cfg["T"]), dtype=torch.float32)  # (T+1,)
 
 
-def shaped_loss(net, x_s, ids, abar, t_lo, t_hi, abar_s=1.0, gen=None, p_uncond=0.0):
+def shaped_loss(net, x_s, ids, abar, t_lo, t_hi, abar_s=1.0, gen=None, p_uncond=0.0, v=False):
     """docs/method.md §3 on images x_s (B, 3, S, S) that live at time s, t uniform in [t_lo, t_hi]:
         x_t = sqrt(abar_t/abar_s) x_s + sqrt(1 - abar_t/abar_s) eps',
         loss = mean |eps_theta(x_t, t, y) / c_t - eps'|^2,
         c_t = sqrt((1 - abar_t) / (1 - abar_t/abar_s));  abar_s = 1 (x_s = x_0) is DDPM's loss.
-    p_uncond: the prompt y becomes the empty prompt (all padding) with this probability (for CFG)."""
+    p_uncond: the prompt y becomes the empty prompt (all padding) with this probability (for CFG).
+    v: each term weighted by abar_s / abar_t, v-prediction's loss (x_s error weighted 1 + SNR, not SNR)."""
     B, dev = len(x_s), x_s.device
     abar = abar.to(dev)
     t = torch.randint(t_lo, t_hi + 1, (B,), generator=gen).to(dev)                 # (B,)
@@ -243,7 +246,8 @@ def shaped_loss(net, x_s, ids, abar, t_lo, t_hi, abar_s=1.0, gen=None, p_uncond=
     ratio = (abar[t] / abar_s).view(B, 1, 1, 1)
     c_t = ((1 - abar[t]).view(B, 1, 1, 1) / (1 - ratio)).sqrt()
     pred = net(ratio.sqrt() * x_s + (1 - ratio).sqrt() * eps, t.float(), ids)      # (B, 3, S, S)
-    return ((pred / c_t - eps) ** 2).mean()
+    w = 1 / ratio if v else 1.0                                                     # (B, 1, 1, 1) or 1
+    return (w * (pred / c_t - eps) ** 2).mean()
 
 
 def guided_eps(net, x, t, ctx, null, w, amp=False):
@@ -414,7 +418,8 @@ def train_on_accepted(ft, opt, x_acc, ids_acc, abar, args, gen):
     for _ in range(args.ft_steps):
         idx = torch.randint(len(x_acc), (args.batch_size,), generator=gen)
         with common.autocast(dev, args.amp):
-            loss = shaped_loss(ft, x_acc[idx].to(dev), ids_acc[idx].to(dev), abar, t_lo, t_hi, abar_s, gen)
+            loss = shaped_loss(ft, x_acc[idx].to(dev), ids_acc[idx].to(dev), abar, t_lo, t_hi, abar_s, gen,
+                               v=args.ft_loss == "v")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

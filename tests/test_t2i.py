@@ -174,6 +174,12 @@ def test_shaped_loss_is_ddpm_loss_at_abar_s_one(abar):
     l_ref = gt.shaped_loss(net, x0, torch.zeros_like(ids), abar, 1, 1000, 1.0,
                            torch.Generator().manual_seed(5))
     assert torch.allclose(l_null, l_ref, atol=1e-6)
+    # v = True is v-prediction's loss: |G - v|^2 of the network's own v-output G, i.e. the eps error / abar_t
+    lv = gt.shaped_loss(net, x0, ids, abar, 1, 1000, 1.0, torch.Generator().manual_seed(5), v=True)
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    G = (net(x_t, t.float(), ids) - (1 - a).sqrt() * x_t) / a.sqrt()
+    v_target = a.sqrt() * eps - (1 - a).sqrt() * x0
+    assert torch.allclose(lv, ((G - v_target) ** 2).mean(), rtol=1e-3)
 
 
 def test_shaped_loss_scales_by_c_t(abar):
