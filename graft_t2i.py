@@ -18,6 +18,7 @@ checker's accuracy are reported side by side, with a per-prompt diversity figure
 """
 import argparse
 import functools
+import hashlib
 import os
 import platform
 import sys
@@ -171,12 +172,7 @@ def nfe_per_image(args):
     return args.N * (1 if args.guidance == 1 else 2)                     # CFG: two passes per step
 
 
-# -- data: prompts of the world's split, or a user's file; scenes rendered on the fly -----------------------
-
-@functools.lru_cache(maxsize=None)
-def spec_of(prompt):
-    return parse_prompt(prompt)
-
+# -- data: prompts of the world's split, or a user's file; scenes rendered on the fly ------------------------
 
 def read_prompts(path, world=True):
     """t2i_world.read_prompt_file; its problem (a missing file, a line outside the grammar) as one line."""
@@ -342,7 +338,7 @@ def continue_from(net, x_s, prompts, abar, N, N_I, eta, w, batch=256, gen=None, 
 
 def reward_checker(images, prompts):
     """The programmatic checker's 0/1 (GenEval's analogue) as a reward."""
-    return torch.tensor(check_batch(images, [spec_of(p) for p in prompts]), dtype=torch.float32)
+    return torch.tensor(check_batch(images, [parse_prompt(p) for p in prompts]), dtype=torch.float32)
 
 
 def vqa_scorer(which, device):
@@ -384,7 +380,7 @@ def score(images, prompts, reward_fn, what="reward"):
     return r
 
 
-# -- fine-tuning: GRAFT / P-GRAFT / RP-GRAFT (paper Alg. 1-2) and DDPO (docs/method.md §4) ---------------
+# -- fine-tuning: GRAFT / P-GRAFT / RP-GRAFT (paper Alg. 1-2) and DDPO (docs/method.md §4) -------------------
 
 def method_name(args):
     return "ddpo" if args.algo == "ddpo" else "rpgraft" if args.rp else "pgraft" if args.N_I > 0 else "graft"
@@ -551,7 +547,7 @@ def finetune(args, ref, ref_cfg, abar, pools, device):
     return ft, rounds, compute
 
 
-# -- pre-training the reference model (resumable, pretraining.py) and its export ----------------------------
+# -- pre-training the reference model (resumable, pretraining.py) and its export -----------------------------
 
 def hardware():
     return (f"{platform.machine()} {platform.processor() or ''}".strip() + f", {os.cpu_count()} cores, torch "
@@ -595,11 +591,11 @@ def export(path, dest):
         raise SystemExit(f"graft_t2i: {e}")
 
 
-# -- evaluation on held-out prompts: reward, judge, checker (GenEval's analogue), diversity -----------------
+# -- evaluation on held-out prompts: reward, judge, checker (GenEval's analogue), diversity ------------------
 
 def image_metrics(x0, prompts, r, judge):
     """The three side by side, overall and per category (0/1 checker: Wilson intervals)."""
-    ok, cats = reward_checker(x0, prompts).numpy(), np.array([spec_of(p).category for p in prompts])
+    ok, cats = reward_checker(x0, prompts).numpy(), np.array([parse_prompt(p).category for p in prompts])
     per = lambda m: {"checker": common.mean_ci95(ok[m]), "reward": common.mean_ci95(r[m]),
                      "judge": common.mean_ci95(judge[m]) if judge is not None else None, "n": int(m.sum())}
     return per(np.ones(len(ok), bool)) | {
@@ -627,7 +623,6 @@ def reference_eval(args, ref, abar, prompts):
     """The reference's evaluation, cached by (checkpoint bytes, sampler, prompts, seed, reward, the VQA
     networks' bytes) like graft_molecule.reference_eval: every run of a sweep compares against the same
     numbers."""
-    import hashlib
     scorers = [common.sha1_file(VQA.format(w)) for w in ("reward", "judge") if os.path.isfile(VQA.format(w))]
     tag = hashlib.sha1(repr((common.sha1_file(common.resolve_ref(args.ref)), args.N, args.eta, args.guidance,
                              args.seed, args.reward, prompts, scorers)).encode()).hexdigest()[:16]

@@ -267,8 +267,10 @@ def _category(groups, joiner, text):
     return "colour_attribution" if a.colour else "two_objects"
 
 
+@functools.lru_cache(maxsize=None)
 def parse_prompt(text):
-    """The Spec of a prompt of the grammar (module docstring); ValueError naming the problem otherwise."""
+    """The Spec (immutable, so cached per text) of a prompt of the grammar (module docstring); ValueError
+    naming the problem otherwise."""
     words = str(text).lower().replace(",", " ").split()
     left, joiner, right = _split_joiner(words)
     if joiner is not None and _split_joiner(right)[1] is not None:

@@ -232,7 +232,7 @@ def test_prompt_pools_use_the_split():
     heldout = {p for v in split_prompts().values() for p in v["heldout"]}
     assert all(p not in heldout for v in pools.values() for p in v)
     assert len(ev) == 1000 and set(ev) <= heldout
-    cats = {gt.spec_of(p).category for p in ev}
+    cats = {gt.parse_prompt(p).category for p in ev}
     assert cats == {"two_objects", "counting", "colours", "position", "colour_attribution"}
 
 
