@@ -50,8 +50,7 @@ class CheckpointError(Exception):
     """A checkpoint that is missing, corrupt or does not fit; scripts turn it into one error line."""
 
 
-def _to_cpu(v):
-    """Every tensor in nested dicts / lists / tuples (optimizer states nest them) moved to the CPU."""
+def _to_cpu(v):                          # every tensor of nested dicts / lists (optimizer states) to the CPU
     if isinstance(v, dict):
         return {k: _to_cpu(x) for k, x in v.items()}
     return v.cpu() if torch.is_tensor(v) else type(v)(map(_to_cpu, v)) if isinstance(v, (list, tuple)) else v
@@ -131,8 +130,7 @@ def get_device(name):
 
 def autocast(device, enabled):
     """bf16 autocast where asked for (opt-in --amp); a no-op context otherwise."""
-    return (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if enabled
-            else contextlib.nullcontext())
+    return torch.autocast(device.type, dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
 
 
 def maybe_compile(module, enabled):

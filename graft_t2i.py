@@ -20,7 +20,6 @@ import argparse
 import functools
 import hashlib
 import os
-import platform
 import sys
 import time
 
@@ -31,9 +30,8 @@ import acceptance
 import common
 import pretraining
 from t2i_unet import T2IUNet
-from t2i_world import (CATEGORIES, check_batch, diversity, draw_prompts, eval_prompt_list, parse_prompt,
-                       read_prompt_file, render_prompts, save_grid, split_prompts, to_uint8, tokenize,
-                       vocabulary)
+from t2i_world import (check_batch, draw_prompts, eval_prompt_list, metrics, parse_prompt, read_prompt_file,
+                       render_prompts, save_grid, split_prompts, to_uint8, tokenize, vocabulary)
 
 # -- config: presets, flags, the derived quantities printed at start -----------------------------------------
 
@@ -549,16 +547,10 @@ def finetune(args, ref, ref_cfg, abar, pools, device):
 
 # -- pre-training the reference model (resumable, pretraining.py) and its export -----------------------------
 
-def hardware():
-    return (f"{platform.machine()} {platform.processor() or ''}".strip() + f", {os.cpu_count()} cores, torch "
-            f"{torch.__version__}, {torch.get_num_threads()} threads")
-
-
 def pretrain(args, device):
     """eps-prediction DDPM training on scenes rendered on the fly from the training prompts
     (category-balanced, seeded by the step's generator), prompt dropout p_uncond, AdamW with warm-up, EMA
     weights; resumable from <out>/ref.pt, then exported."""
-    args.out = args.out or os.path.join("runs", f"t2i_pretrain_{args.preset}")
     cfg, path = model_config(args), os.path.join(args.out, "ref.pt")
     model, ema = build_model(cfg).to(device), build_model(cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
@@ -586,22 +578,12 @@ def pretrain(args, device):
 
 def export(path, dest):
     try:
-        pretraining.export_ema(path, dest, hardware())
+        pretraining.export_ema(path, dest)
     except common.CheckpointError as e:
         raise SystemExit(f"graft_t2i: {e}")
 
 
 # -- evaluation on held-out prompts: reward, judge, checker (GenEval's analogue), diversity ------------------
-
-def image_metrics(x0, prompts, r, judge):
-    """The three side by side, overall and per category (0/1 checker: Wilson intervals)."""
-    ok, cats = reward_checker(x0, prompts).numpy(), np.array([parse_prompt(p).category for p in prompts])
-    per = lambda m: {"checker": common.mean_ci95(ok[m]), "reward": common.mean_ci95(r[m]),
-                     "judge": common.mean_ci95(judge[m]) if judge is not None else None, "n": int(m.sum())}
-    return per(np.ones(len(ok), bool)) | {
-        "diversity": common.mean_ci95(diversity(x0, prompts)),
-        "per_category": {c: per(cats == c) for c in CATEGORIES if (cats == c).any()}}
-
 
 def evaluate_sampler(hi, lo, N_I, args, abar, prompts, desc):
     """n_eval images from the same seeds for every model (common random numbers), scored three ways."""
@@ -615,14 +597,13 @@ def evaluate_sampler(hi, lo, N_I, args, abar, prompts, desc):
     print(f"{desc}: {len(prompts)} images in {wall:.0f} s" + ("" if judge is not None else " (no judge: "
           f"{VQA.format('judge')} is missing)"), flush=True)
     return {"n_samples": len(prompts), "nfe": len(prompts) * nfe_per_image(args), "wall_s": wall,
-            "samples_per_s": len(prompts) / wall, "metrics": image_metrics(x0, prompts, r, judge)}, \
+            "samples_per_s": len(prompts) / wall, "metrics": metrics(x0, prompts, r, judge)}, \
         to_uint8(x0)
 
 
 def reference_eval(args, ref, abar, prompts):
     """The reference's evaluation, cached by (checkpoint bytes, sampler, prompts, seed, reward, the VQA
-    networks' bytes) like graft_molecule.reference_eval: every run of a sweep compares against the same
-    numbers."""
+    networks' bytes): every run of a sweep compares against the same numbers."""
     scorers = [common.sha1_file(VQA.format(w)) for w in ("reward", "judge") if os.path.isfile(VQA.format(w))]
     tag = hashlib.sha1(repr((common.sha1_file(common.resolve_ref(args.ref)), args.N, args.eta, args.guidance,
                              args.seed, args.reward, prompts, scorers)).encode()).hexdigest()[:16]
@@ -674,19 +655,16 @@ def main(argv=None):
     args = parse_args(argv)
     common.seed_everything(args.seed)
     device = common.get_device(args.device)
-    if args.export:
-        return export(os.path.join(args.out or os.path.join("runs", f"t2i_pretrain_{args.preset}"), "ref.pt"),
-                      args.export_to)
-    if args.pretrain:
-        return pretrain(args, device)
+    if args.pretrain or args.export:
+        args.out = args.out or os.path.join("runs", f"t2i_pretrain_{args.preset}")
+        return pretrain(args, device) if args.pretrain else export(f"{args.out}/ref.pt", args.export_to)
     method = "reference" if args.eval_only else "variance" if args.measure_variance else method_name(args)
     args.out = args.out or os.path.join("runs", f"t2i_{method}" + (f"_ni{args.n_i}" if args.N_I else ""))
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise SystemExit(f"graft_t2i: --out {args.out!r} is a file, not a folder")
     pools, prompts = finetune_pools(args), eval_prompts(args)                 # bad prompt files fail here
     ref, ref_cfg = load_reference(args.ref, device)
-    if ref_cfg["image_size"] != args.image_size:
-        args.image_size = ref_cfg["image_size"]
+    args.image_size = ref_cfg["image_size"]                                 # the checkpoint's, not the flag's
     os.makedirs(args.out, exist_ok=True)
     abar, ref = make_abar(ref_cfg), common.maybe_compile(ref, args.compile)
     print(f"reference: {args.ref} ({sum(q.numel() for q in ref.parameters()):,} parameters)")
@@ -700,7 +678,7 @@ def main(argv=None):
     reference, ref_images = reference_eval(args, ref, abar, prompts)
     results = {"task": "t2i", "method": method, "n_i": args.n_i,
                "command": "python graft_t2i.py " + " ".join(sys.argv[1:] if argv is None else argv),
-               "config": dict(vars(args)) | {"model": ref_cfg, "hardware": hardware()},
+               "config": dict(vars(args)) | {"model": ref_cfg, "hardware": pretraining.hardware()},
                "reference": reference}
     ft_images = None
     if not args.eval_only:

@@ -2,6 +2,7 @@
 makes the reference models the paper starts from), and the size-bucketed batches of the set-valued data."""
 import collections
 import os
+import platform
 import time
 
 import numpy as np
@@ -101,12 +102,18 @@ def train_resumable(path, config, model, ema, opt, batches, loss_fn, total_steps
     return step
 
 
-def export_ema(path, dest, hardware):
+def hardware():
+    """The machine, for a checkpoint's or a results.json's record of where it was made."""
+    return (f"{platform.machine()} {platform.processor() or ''}".strip() + f", {os.cpu_count()} cores, torch "
+            f"{torch.__version__}, {torch.get_num_threads()} threads")
+
+
+def export_ema(path, dest):
     """The EMA weights of the pre-training run at `path`, with how they were made (its extra, plus where they
-    were exported and on what `hardware`), written to `dest` as a shipped reference checkpoint."""
+    were exported and on what hardware), written to `dest` as a shipped reference checkpoint."""
     ckpt = common.load_checkpoint(path)
     extra = dict(ckpt["extra"], exported_from=path,
-                 hardware=ckpt["extra"].get("hardware", "") + "; " + hardware)
+                 hardware=ckpt["extra"].get("hardware", "") + "; " + hardware())
     common.save_checkpoint(dest, {"ema": ckpt["state_dicts"]["ema"]}, ckpt["config"], extra)
     print(f"exported {dest} (step {extra['step']}, {extra['wall_s'] / 3600:.2f} h, "
           f"loss {extra['loss_last_100']})")

@@ -60,6 +60,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
+import common
+
 # -- the world ---------------------------------------------------------------------------------------------
 
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
@@ -631,6 +633,18 @@ def diversity(images, prompts):
         by.setdefault(p, []).append(i)
     return [float(torch.pdist(images[idx].flatten(1)).mean()) / np.sqrt(images[0].numel())
             for idx in by.values() if len(idx) > 1]
+
+
+def metrics(images, prompts, reward, judge=None):
+    """The evaluation's figures side by side, overall and per category: the checker (GenEval's analogue, 0/1:
+    Wilson intervals), the `reward` and `judge` scores (B,) given, and the per-prompt diversity."""
+    ok, cats = check_batch(images, [parse_prompt(p) for p in prompts]), np.array(
+        [parse_prompt(p).category for p in prompts])
+    per = lambda m: {"checker": common.mean_ci95(ok[m]), "reward": common.mean_ci95(reward[m]),
+                     "judge": common.mean_ci95(judge[m]) if judge is not None else None, "n": int(m.sum())}
+    return per(np.ones(len(ok), bool)) | {
+        "diversity": common.mean_ci95(diversity(images, prompts)),
+        "per_category": {c: per(cats == c) for c in CATEGORIES if (cats == c).any()}}
 
 
 # -- a look at the world -----------------------------------------------------------------------------------
