@@ -671,7 +671,8 @@ def main(argv=None):
     if args.measure_variance:
         return measure_variance(args, ref, abar, pools)
     if not args.eval_only:
-        print(f"{method}: {args.prompts_per_round} prompts x M {args.M}, Top-{args.K} each, {args.rounds} "
+        print(f"{method}: {args.prompts_per_round} prompts x M {args.M}, "
+              + ("all on-policy" if args.algo == "ddpo" else f"Top-{args.K} each") + f", {args.rounds} "
               f"rounds, N {args.N}, eta {args.eta}, w {args.guidance}, N_I {args.N_I}, reward {args.reward}")
     t0 = time.time()
     get_reward(args.reward, args.device), get_judge(args.device)            # a bad scorer fails before work
