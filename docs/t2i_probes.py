@@ -77,9 +77,10 @@ def main():
     p.add_argument("--data", choices=["gt", "gt_blur", "random", "top", "correct"], default="gt",
                    help="train: ground truth (gt_blur: Gaussian blur 0.6 px), or the reference's own samples")
     p.add_argument("--n_i", type=float, default=0.0, help="train: 0 GRAFT, > 0 P-GRAFT (stitched evaluation)")
+    p.add_argument("--ref", default=gt.DEFAULT_REF, help="the reference checkpoint (a path or hf:org/repo/file)")
     args = p.parse_args()
     torch.manual_seed(0)
-    ref, cfg = gt.load_reference(gt.DEFAULT_REF, torch.device("cpu"))
+    ref, cfg = gt.load_reference(args.ref, torch.device("cpu"))
     abar = gt.make_abar(cfg)
     if args.probe == "sampler":
         return evaluate(ref, ref, 0, abar, args, f"reference, N {args.N}, eta {args.eta}, w {args.w}")
