@@ -638,8 +638,8 @@ def diversity(images, prompts):
 def metrics(images, prompts, reward, judge=None):
     """The evaluation's figures side by side, overall and per category: the checker (GenEval's analogue, 0/1:
     Wilson intervals), the `reward` and `judge` scores (B,) given, and the per-prompt diversity."""
-    ok, cats = check_batch(images, [parse_prompt(p) for p in prompts]), np.array(
-        [parse_prompt(p).category for p in prompts])
+    specs = [parse_prompt(p) for p in prompts]
+    ok, cats = check_batch(images, specs), np.array([s.category for s in specs])
     per = lambda m: {"checker": common.mean_ci95(ok[m]), "reward": common.mean_ci95(reward[m]),
                      "judge": common.mean_ci95(judge[m]) if judge is not None else None, "n": int(m.sum())}
     return per(np.ones(len(ok), bool)) | {
