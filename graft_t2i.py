@@ -7,10 +7,12 @@
     python graft_t2i.py --eval_only           # the reference model on the held-out prompts
     python graft_t2i.py --measure_variance    # E[Var(r(X_0) | X_t)] over t (docs/method.md §3)
     python graft_t2i.py --pretrain --max_minutes 100   # pre-train (resumable), then export the EMA weights
+    python graft_t2i.py --preset sd2 --n_i 0.25 --reward vqascore --device cuda --amp   # the paper's setting
 
 The world is t2i_world.py: 32x32 scenes of coloured shapes, prompts of six GenEval-like categories, a fixed
 split of compositions (pre-training and fine-tuning see the training prompts, evaluation held-out ones).
-The model (t2i_unet.py) is a text-conditional UNet with classifier-free guidance, sampled by DDIM. Per round,
+The model (t2i_unet.py) is a text-conditional UNet with classifier-free guidance, sampled by DDIM; with
+`--preset sd2` it is Stable Diffusion 2 from the Hugging Face Hub (sd2.py) with a LoRA adapter. Per round,
 P prompts x M images are drawn, each prompt's Top-K by reward (VQAScore's analogue, t2i_vqa.py, or the
 programmatic checker) is kept, and the model is fine-tuned on them: on the images (GRAFT, paper Alg. 1) or on
 the intermediate states x_s, only for t > s (P-GRAFT, paper Alg. 2). The reward, an independent judge and the
@@ -19,25 +21,30 @@ checker's accuracy are reported side by side, with a per-prompt diversity figure
 import argparse
 import functools
 import hashlib
+import math
 import os
 import sys
 import time
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 import acceptance
 import common
 import pretraining
 from t2i_unet import T2IUNet
-from t2i_world import (check_batch, draw_prompts, eval_prompt_list, metrics, parse_prompt, read_prompt_file,
-                       render_prompts, save_grid, split_prompts, to_uint8, tokenize, vocabulary)
+import sd2
+from t2i_world import (check_batch, diversity, draw_prompts, eval_prompt_list, in_grammar, metrics, parse_prompt,
+                       read_prompt_file, render_prompts, save_grid, split_prompts, to_uint8, to_world, tokenize,
+                       vocabulary)
 
 # -- config: presets, flags, the derived quantities printed at start -----------------------------------------
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_REF = os.path.join(HERE, "checkpoints", "t2i_world_cpu.pt")
 VQA = os.path.join(HERE, "checkpoints", "t2i_vqa_{}.pt")
+SD2_PROMPTS = os.path.join(HERE, "data", "t2i_prompts", "{}.txt")       # GenAI-Bench-style, data/t2i_prompts/
 
 PRESETS = {
     # the default run (P-GRAFT, 4 rounds of 16 prompts x 32 images, 1,000 evaluation images) is sized for
@@ -49,6 +56,10 @@ PRESETS = {
     "paper": dict(image_size=64, ch=64, ch_mult="1,2,2", N=50, guidance=3.0, prompts_per_round=64, M=64, K=16,
                   rounds=8, ft_steps=1000, batch_size=128, lr=2e-4, ema_decay=0.9999, train_steps=400_000,
                   n_eval=5000),
+    # the paper's setting: SD2-base from the Hub, LoRA, the Top-10 of 100 images per prompt, DDIM 50 steps at
+    # w 7.5 (docs/t2i.md "Stable Diffusion 2" has what it costs); the model-size flags do not apply
+    "sd2": dict(image_size=512, ch=1, ch_mult="1", N=50, guidance=7.5, prompts_per_round=32, M=100, K=10,
+                rounds=1, ft_steps=1000, batch_size=8, lr=0.0, ema_decay=0.0, train_steps=0, n_eval=800),
 }
 # the settings a fine-tuning run's state.pt must share with the command that resumes it
 RESUME_KEYS = ("algo", "n_i", "rp", "M", "K", "prompts_per_round", "sample_from", "ft_steps", "ft_lr",
@@ -68,8 +79,9 @@ def build_parser():
     a("--algo", choices=["graft", "ddpo"], default="graft", help="rejection-sampling fine-tuning or DDPO")
     a("--n_i", type=float, default=0.0, help="P-GRAFT switch: N_I = round(n_i N); 0 is plain GRAFT")
     a("--rp", action="store_true", help="RP-GRAFT: reference above s, fine-tuned model below (ablation)")
-    a("--reward", default="vqa", help="fine-tuning reward: vqa (VQAScore's analogue, t2i_vqa.py) or checker "
-      "(the 0/1 programmatic check; then the evaluation's checker is the reward itself)")
+    a("--reward", default=None, help="fine-tuning reward: vqa (VQAScore's analogue, t2i_vqa.py), checker "
+      "(the 0/1 programmatic check; then the evaluation's checker is the reward itself), vqascore / "
+      "vqascore_xxl (VQAScore with CLIP-FlanT5-XL / -XXL via t2v-metrics; default with --preset sd2)")
     a("--eval_only", action="store_true", help="only evaluate the reference model")
     a("--measure_variance", action="store_true", help="E[Var(r(X_0)|X_t)] on a grid of n_i (var_P x var_R)")
     a("--var_P", type=int, default=64, help="--measure_variance: intermediate states per n_i")
@@ -84,6 +96,14 @@ def build_parser():
     a("--amp", action="store_true", help="bf16 autocast (GPU)")
     a("--compile", action="store_true", help="torch.compile the networks")
     a("--seed", type=int, default=0, help="seed: a CPU run is reproducible")
+    # Stable Diffusion 2 (--preset sd2, sd2.py): weights from the Hub, a LoRA adapter is what is fine-tuned
+    a("--repo", default="stabilityai/stable-diffusion-2-1-base", help="--preset sd2: the Hub repo (diffusers "
+      "layout; stabilityai/stable-diffusion-2-1 is the 768 px v-prediction model, mirrors work too)")
+    a("--revision", default=None, help="--preset sd2: a branch, tag or commit of --repo")
+    a("--lora_rank", type=int, default=4, help="--preset sd2: LoRA rank r on the attention projections")
+    a("--lora_alpha", type=float, default=4.0, help="--preset sd2: LoRA alpha (the update is alpha / r B A x)")
+    a("--lora_dropout", type=float, default=0.0, help="--preset sd2: dropout on the LoRA input")
+    a("--grad_ckpt", action="store_true", help="gradient checkpointing in SD2's UNet (memory for compute)")
     # prompts: the world's split, or files of one prompt per line ('#' comments and blanks skipped)
     a("--prompts", help="fine-tuning prompts file (default: the training prompts, category-balanced)")
     a("--eval_prompts", help="evaluation prompts file (default: the held-out prompts)")
@@ -135,6 +155,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     unset = {k: v for k, v in PRESETS[args.preset].items() if getattr(args, k) is None}
     vars(args).update(unset)                                   # flags left unset take the preset's values
+    args.sd2 = args.preset == "sd2"
+    args.reward = args.reward or ("vqascore" if args.sd2 else "vqa")
     bad = [k for k in ("M", "K", "N", "T", "rounds", "n_eval", "batch_size", "sample_batch",
                        "prompts_per_round", "var_P", "var_R", "eval_per_prompt", "ddpo_batch", "ddpo_buffer",
                        "image_size", "ch")
@@ -147,6 +169,9 @@ def parse_args(argv=None):
               (not 0 <= args.eta <= 1, "--eta must be in [0, 1]"),
               (not 0 <= args.ft_ema < 1, "--ft_ema must be in [0, 1)"),
               (not 0 < args.ddpo_steps_frac <= 1, "--ddpo_steps_frac in (0, 1]"),
+              (args.lora_rank <= 0 or not 0 <= args.lora_dropout < 1 or not math.isfinite(args.lora_alpha),
+               "--lora_rank must be positive, --lora_dropout in [0, 1), --lora_alpha finite"),
+              (args.sd2 and (args.pretrain or args.export), "--preset sd2 comes pre-trained from the Hub"),
               (args.reward not in REWARDS, f"unknown --reward {args.reward!r}; one of {', '.join(REWARDS)}")]
     for failed, message in checks:
         if failed:
@@ -172,30 +197,57 @@ def nfe_per_image(args):
 
 # -- data: prompts of the world's split, or a user's file; scenes rendered on the fly ------------------------
 
-def read_prompts(path, world=True):
-    """t2i_world.read_prompt_file; its problem (a missing file, a line outside the grammar) as one line."""
+def read_prompts(path, args):
+    """t2i_world.read_prompt_file: a world reward needs the grammar, the world's model its words (SD2 reads any
+    text); a problem (a missing file, a line outside the grammar) is one line."""
     try:
-        return read_prompt_file(path, world)
+        return read_prompt_file(path, grammar=args.reward in WORLD_REWARDS, words=not args.sd2)
     except (OSError, ValueError) as e:
         raise SystemExit(f"graft_t2i: {e}") from None
 
 
 def finetune_pools(args):
-    if args.prompts:
-        return {"file": read_prompts(args.prompts, args.reward in WORLD_REWARDS)}
-    return {c: v["train"] for c, v in split_prompts().items()}
+    """The world's training prompts (category-balanced), or a file's: --prompts, SD2's shipped list."""
+    path = args.prompts or (SD2_PROMPTS.format("train") if args.sd2 and args.reward not in WORLD_REWARDS
+                            else None)
+    return {"file": read_prompts(path, args)} if path else {c: v["train"] for c, v in split_prompts().items()}
 
 
 def eval_prompts(args):
-    """n_eval held-out prompts, eval_per_prompt copies each, or the --eval_prompts file's cycled."""
-    return eval_prompt_list(args.n_eval, args.eval_per_prompt,
-                            read_prompts(args.eval_prompts) if args.eval_prompts else None)
+    """n_eval held-out prompts, eval_per_prompt copies each, or a file's cycled (--eval_prompts, SD2's)."""
+    path = args.eval_prompts or (SD2_PROMPTS.format("eval") if args.sd2 and args.reward not in WORLD_REWARDS
+                                 else None)
+    return eval_prompt_list(args.n_eval, args.eval_per_prompt, read_prompts(path, args) if path else None)
 
 
-# -- model: text encoder + UNet (t2i_unet.py) ----------------------------------------------------------------
+# -- model: text encoder + UNet (t2i_unet.py), or Stable Diffusion 2 with LoRA (sd2.py) ---------------------
 
 def build_model(cfg):
     return T2IUNet(**cfg)
+
+
+def load_sd2(args, device):
+    """SD2 from the Hub with a zero-initialised LoRA adapter (sd2.py): (the reference = adapter off, its cfg).
+    The fine-tuned model is the same UNet with the adapter on (finetuned_copy)."""
+    try:
+        model = sd2.load_sd2(args.repo, args.revision, torch.bfloat16 if args.amp else torch.float32, device)
+    except sd2.SD2LoadError as e:
+        raise SystemExit(f"graft_t2i: {e}")
+    model.unet.gradient_checkpointing = args.grad_ckpt
+    lora = model.add_lora(args.lora_rank, args.lora_alpha, args.lora_dropout)
+    print(f"LoRA rank {args.lora_rank}: {sum(q.numel() for q in lora.parameters()):,} trainable parameters")
+    return model.adapter(False), {"sd2": args.repo, "revision": args.revision, "lora_rank": args.lora_rank,
+                                  "image_size": 8 * model.latent_shape[-1], "T": len(model.abar) - 1}
+
+
+def finetuned_copy(ref, ref_cfg, device):
+    """(model, what is trained and saved): SD2's adapter-on view of the one UNet (the LoRA weights), or a full
+    copy of the world's model."""
+    if "sd2" in ref_cfg:
+        return ref.sd2.adapter(True), ref.sd2.lora
+    ft = build_model(ref_cfg).to(device)
+    ft.load_state_dict(ref.state_dict())
+    return ft, ft
 
 
 def load_reference(ref, device):
@@ -220,7 +272,9 @@ def load_reference(ref, device):
 
 # -- diffusion: schedule, shaped loss, DDIM with CFG and P-GRAFT's stitching ---------------------------------
 
-def make_abar(cfg):
+def make_abar(cfg, ref=None):
+    if "sd2" in cfg:
+        return ref.sd2.abar.cpu()                                                    # (T+1,) the Hub's schedule
     return torch.tensor(common.noise_schedule(cfg["schedule"], cfg["T"]), dtype=torch.float32)  # (T+1,)
 
 
@@ -249,7 +303,7 @@ def guided_eps(net, x, t, ctx, null, w, amp=False):
     with common.autocast(x.device, amp):
         if w == 1:
             return net(x, t, ctx=ctx).float()
-        both = (torch.cat([ctx[0], null[0]]), torch.cat([ctx[1], null[1]]))
+        both = tuple(map(torch.cat, zip(ctx, null))) if isinstance(ctx, tuple) else torch.cat([ctx, null])
         eps_c, eps_u = net(torch.cat([x, x]), torch.cat([t, t]), ctx=both).float().chunk(2)   # (B, 3, S, S)
     return eps_u + w * (eps_c - eps_u)
 
@@ -257,15 +311,16 @@ def guided_eps(net, x, t, ctx, null, w, amp=False):
 def contexts(net, ids, w):
     """The prompt's text context and, with guidance, the empty prompt's."""
     dev = next(net.parameters()).device
-    return net.encode(ids.to(dev)), (net.encode(torch.zeros_like(ids).to(dev)) if w != 1 else None)
+    return net.encode(ids.to(dev)), (net.encode(net.tokenize([""] * len(ids)).to(dev)) if w != 1 else None)
 
 
-def ddim_mean_std(eps, x_t, abar, t, s, eta):
-    """DDIM's Gaussian p(x_s | x_t) for s < t: x0_hat (clipped to [-1, 1]) from eps, std = eta * DDPM's
-    posterior std; eta = 1 is an ancestral step, eta = 0 deterministic. abar_0 = 1, so the step to 0
-    returns x0_hat."""
+def ddim_mean_std(eps, x_t, abar, t, s, eta, clip=True):
+    """DDIM's Gaussian p(x_s | x_t) for s < t: x0_hat from eps (clipped to [-1, 1] for pixels, not for SD2's
+    latents), std = eta * DDPM's posterior std; eta = 1 is an ancestral step, eta = 0 deterministic.
+    abar_0 = 1, so the step to 0 returns x0_hat."""
     a_t, a_s = abar[t], abar[s]
-    x0 = ((x_t - (1 - a_t).sqrt() * eps) / a_t.sqrt()).clamp(-1, 1)
+    x0 = (x_t - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+    x0 = x0.clamp(-1, 1) if clip else x0
     std = eta * ((1 - a_s) / (1 - a_t) * (1 - a_t / a_s)).sqrt()
     return a_s.sqrt() * x0 + (1 - a_s - std ** 2).clamp(min=0).sqrt() * eps, std
 
@@ -288,7 +343,7 @@ def ddim_steps(net, x, ids, abar, N, k_from, k_to, eta, w, gen, amp=False, traj=
     for k in range(k_from, k_to, -1):
         t = torch.full((len(x),), float(tau[k]), device=dev)
         eps = guided_eps(net, x.to(dev), t, ctx, null, w, amp).cpu()               # (B, 3, S, S)
-        mean, std = ddim_mean_std(eps, x, abar, tau[k], tau[k - 1], eta)
+        mean, std = ddim_mean_std(eps, x, abar, tau[k], tau[k - 1], eta, net.clip_x0)
         x_new = mean + std * torch.randn(x.shape, generator=gen)
         if traj is not None:
             traj.append((x_new, gaussian_logp(x_new, mean, std)))
@@ -296,29 +351,51 @@ def ddim_steps(net, x, ids, abar, N, k_from, k_to, eta, w, gen, amp=False, traj=
     return x
 
 
+KEEP_PX = 128         # images are kept, after scoring, at most this large (SD2's 512 px are 3 MB each)
+
+
+def decode(net, z, amp=False):
+    """Final states -> images in [-1, 1]: the world's pixels as they are, SD2's latents through its VAE."""
+    with common.autocast(next(net.parameters()).device, amp):
+        return net.decode(z).float().cpu()                                          # (B, 3, H, W)
+
+
+def finish(out, net, z0, prompts, score_fn, amp):
+    """Decode, score at full size (score_fn(images, prompts) -> (B,), if given), keep at most KEEP_PX px."""
+    x0 = decode(net, z0, amp)
+    if score_fn is not None:
+        out.setdefault("r", []).append(score_fn(x0, prompts))
+    out["x0"].append(F.interpolate(x0, size=KEEP_PX, mode="area") if x0.shape[-1] > KEEP_PX else x0)
+
+
 @torch.no_grad()
-def sample(net_hi, net_lo, prompts, abar, N, N_I=0, eta=1.0, w=1.0, batch=256, gen=None, amp=False, size=32):
+def sample(net_hi, net_lo, prompts, abar, N, N_I=0, eta=1.0, w=1.0, batch=256, gen=None, amp=False,
+           score_fn=None):
     """Images for `prompts` from the stitched sampler of paper Alg. 2: net_hi takes the steps from tau_k with
     k > N_I (x_T down to x_s, s = tau_{N_I}), net_lo the rest. Reference: (ref, ref); P-GRAFT: (fine-tuned,
-    ref); RP-GRAFT: (ref, fine-tuned); GRAFT: N_I = 0. Returns {'x0', 'x_s'}: (M, 3, S, S) each; x_s is
-    P-GRAFT's data."""
-    ids_all, out = tokenize(prompts), {"x0": [], "x_s": []}
+    ref); RP-GRAFT: (ref, fine-tuned); GRAFT: N_I = 0. Returns {'x0': images (M, 3, H, W), 'z0': the final
+    states, 'x_s', and 'r' (M,) with score_fn}: z0 and x_s (M, C, S, S) are pixels in the world and latents
+    for SD2; x_s is P-GRAFT's data."""
+    ids_all, out = net_hi.tokenize(prompts), {"x0": [], "z0": [], "x_s": []}
     for b in range(0, len(prompts), batch):
         ids = ids_all[b:b + batch]
-        x_T = torch.randn(len(ids), 3, size, size, generator=gen)                   # (B, 3, S, S)
+        x_T = torch.randn(len(ids), *net_hi.latent_shape, generator=gen)           # (B, C, S, S)
         x_s = ddim_steps(net_hi, x_T, ids, abar, N, N, N_I, eta, w, gen, amp)       # above s: net_hi
-        out["x0"].append(ddim_steps(net_lo, x_s, ids, abar, N, N_I, 0, eta, w, gen, amp))   # below s: net_lo
-        out["x_s"].append(x_s)
+        z0 = ddim_steps(net_lo, x_s, ids, abar, N, N_I, 0, eta, w, gen, amp)        # below s: net_lo
+        finish(out, net_lo, z0, prompts[b:b + batch], score_fn, amp)
+        out["z0"].append(z0), out["x_s"].append(x_s)
     return {k: torch.cat(v) for k, v in out.items()}
 
 
 @torch.no_grad()
-def sample_trajectories(net, prompts, abar, N, w, batch=256, gen=None, amp=False, size=32):
-    """DDPO's data (eta = 1): images, trajectories (M, N+1, 3, S, S) from x_T, step log-probs (M, N)."""
-    ids_all, out = tokenize(prompts), {"x0": [], "traj": [], "logp": []}
+def sample_trajectories(net, prompts, abar, N, w, batch=256, gen=None, amp=False, score_fn=None):
+    """DDPO's data (eta = 1): images, trajectories (M, N+1, C, S, S) from x_T, step log-probs (M, N), and
+    with score_fn the rewards 'r' (M,)."""
+    ids_all, out = net.tokenize(prompts), {"x0": [], "traj": [], "logp": []}
     for b in range(0, len(prompts), batch):
-        x_T, steps = torch.randn(len(ids_all[b:b + batch]), 3, size, size, generator=gen), []
-        out["x0"].append(ddim_steps(net, x_T, ids_all[b:b + batch], abar, N, N, 0, 1.0, w, gen, amp, steps))
+        x_T, steps = torch.randn(len(ids_all[b:b + batch]), *net.latent_shape, generator=gen), []
+        z0 = ddim_steps(net, x_T, ids_all[b:b + batch], abar, N, N, 0, 1.0, w, gen, amp, steps)
+        finish(out, net, z0, prompts[b:b + batch], score_fn, amp)
         out["traj"].append(torch.stack([x_T] + [x for x, _ in steps], 1))           # (B, N+1, 3, S, S)
         out["logp"].append(torch.stack([lp for _, lp in steps], 1))                 # (B, N)
     return {k: torch.cat(v) for k, v in out.items()}
@@ -326,17 +403,25 @@ def sample_trajectories(net, prompts, abar, N, w, batch=256, gen=None, amp=False
 
 @torch.no_grad()
 def continue_from(net, x_s, prompts, abar, N, N_I, eta, w, batch=256, gen=None, amp=False):
-    """Images finished by `net` from states x_s (M, 3, S, S) at step N_I (the variance curve, §3)."""
-    ids = tokenize(prompts)
-    return torch.cat([ddim_steps(net, x_s[b:b + batch], ids[b:b + batch], abar, N, N_I, 0, eta, w, gen, amp)
-                      for b in range(0, len(prompts), batch)])
+    """Images finished by `net` from states x_s (M, C, S, S) at step N_I (the variance curve, §3)."""
+    ids = net.tokenize(prompts)
+    return torch.cat([decode(net, ddim_steps(net, x_s[b:b + batch], ids[b:b + batch], abar, N, N_I, 0, eta, w,
+                                             gen, amp), amp) for b in range(0, len(prompts), batch)])
 
 
 # -- rewards: reward(images (B, 3, H, W) in [-1, 1], prompts list[str]) -> (B,), built lazily ----------------
 
 def reward_checker(images, prompts):
     """The programmatic checker's 0/1 (GenEval's analogue) as a reward."""
-    return torch.tensor(check_batch(images, [parse_prompt(p) for p in prompts]), dtype=torch.float32)
+    return torch.tensor(check_batch(to_world(images), [parse_prompt(p) for p in prompts]), dtype=torch.float32)
+
+
+def world_checker(images, prompts):
+    """The checker's accuracy where the prompts are the world's, None for other text (SD2's prompt lists)."""
+    try:
+        return float(reward_checker(images, prompts).mean())
+    except ValueError:
+        return None
 
 
 def vqa_scorer(which, device):
@@ -346,12 +431,15 @@ def vqa_scorer(which, device):
         raise SystemExit(f"graft_t2i: {path} does not exist (t2i_vqa.py makes it); use --reward checker")
     import t2i_vqa
     try:
-        return t2i_vqa.load_scorer(which, path=path, device=device)
+        scorer = t2i_vqa.load_scorer(which, path=path, device=device)
     except common.CheckpointError as e:
         raise SystemExit(f"graft_t2i: {e}")
+    return lambda images, prompts: scorer(to_world(images), prompts)
 
 
-REWARDS = {"vqa": lambda args: vqa_scorer("reward", args.device), "checker": lambda args: reward_checker}
+REWARDS = {"vqa": lambda args: vqa_scorer("reward", args.device), "checker": lambda args: reward_checker,
+           "vqascore": lambda args: sd2.VQAScore("clip-flant5-xl", args.device),       # VQAScore itself
+           "vqascore_xxl": lambda args: sd2.VQAScore("clip-flant5-xxl", args.device)}
 WORLD_REWARDS = ("vqa", "checker")       # rewards that only understand the world's grammar
 
 
@@ -365,6 +453,11 @@ def get_reward(name, device="cpu"):
 def get_judge(device="cpu"):
     """The independent judge, or None while its checkpoint does not exist."""
     return vqa_scorer("judge", device) if os.path.isfile(VQA.format("judge")) else None
+
+
+def reward_fn(args):
+    """score(images, prompts) with the run's reward: what the sampler calls on each batch."""
+    return functools.partial(score, reward_fn=get_reward(args.reward, args.device))
 
 
 def score(images, prompts, reward_fn, what="reward"):
@@ -406,7 +499,7 @@ def train_on_accepted(ft, opt, x_acc, ids_acc, abar, args, gen):
     the round's training window (no prompt dropout: the conditional model is what is fine-tuned). --ft_ema
     > 0: the round ends on the EMA of its iterates. Returns the gradient calls, one per (x_t, t) pair."""
     dev, (t_lo, t_hi, abar_s) = next(ft.parameters()).device, training_window(args, abar)
-    params = list(ft.parameters())
+    params = [q for q in ft.parameters() if q.requires_grad]                # SD2: the LoRA weights
     avg = [q.detach().clone() for q in params] if args.ft_ema > 0 else []
     ft.train()
     for _ in range(args.ft_steps):
@@ -433,12 +526,12 @@ def graft_round(args, ref, ft, opt, abar, prompts, groups, gen):
     the accepted x_s (P-GRAFT) or x_0 (GRAFT, RP-GRAFT).
     Returns (images, rewards, accepted, gradient calls)."""
     hi, lo, N_I = (ref, ref, args.N_I) if args.sample_from == "reference" else samplers(args, ref, ft)
-    res = sample(hi, lo, prompts, abar, args.N, N_I, args.eta, args.guidance, args.sample_batch, gen,
-                 args.amp, args.image_size)
-    r = score(res["x0"], prompts, get_reward(args.reward, args.device))
+    res = sample(hi, lo, prompts, abar, args.N, N_I, args.eta, args.guidance, args.sample_batch, gen, args.amp,
+                 reward_fn(args))
+    r = res["r"]
     acc = acceptance.accept(r, "top_k", K=args.K * args.prompts_per_round, groups=groups)
-    data = res["x0"] if args.rp else res["x_s"]                              # x_s is x_0 when N_I = 0
-    return res["x0"], r, acc, train_on_accepted(ft, opt, data[acc], tokenize(prompts)[acc], abar, args, gen)
+    data = res["z0"] if args.rp else res["x_s"]                              # x_s is z0 when N_I = 0
+    return res["x0"], r, acc, train_on_accepted(ft, opt, data[acc], ft.tokenize(prompts)[acc], abar, args, gen)
 
 
 class PerPromptStatTracker:
@@ -478,7 +571,7 @@ def ddpo_update(ft, opt, res, adv, ids, abar, args, gen):
             ctx, null = contexts(ft, ids[idx], args.guidance)
             eps = guided_eps(ft, x_t, torch.full((len(idx),), float(tau[k]), device=dev), ctx, null,
                              args.guidance, args.amp)
-            mean, std = ddim_mean_std(eps, x_t, abar.to(dev), tau[k], tau[k - 1], 1.0)
+            mean, std = ddim_mean_std(eps, x_t, abar.to(dev), tau[k], tau[k - 1], 1.0, ft.clip_x0)
             ratio = torch.exp(gaussian_logp(x_next, mean, std).to(dev) - res["logp"][idx, j].to(dev))   # (B,)
             a = adv[idx].to(dev)
             loss = torch.maximum(-a * ratio, -a * ratio.clamp(1 - args.ddpo_clip, 1 + args.ddpo_clip)).mean()
@@ -492,9 +585,9 @@ def ddpo_update(ft, opt, res, adv, ids, abar, args, gen):
 
 def ddpo_round(args, ft, opt, abar, prompts, tracker, gen):
     res = sample_trajectories(ft, prompts, abar, args.N, args.guidance, args.sample_batch, gen, args.amp,
-                              args.image_size)
-    r = score(res["x0"], prompts, get_reward(args.reward, args.device))
-    grad = ddpo_update(ft, opt, res, tracker.update(prompts, r.numpy()), tokenize(prompts), abar, args, gen)
+                              reward_fn(args))
+    r = res["r"]
+    grad = ddpo_update(ft, opt, res, tracker.update(prompts, r.numpy()), ft.tokenize(prompts), abar, args, gen)
     return res["x0"], r, torch.arange(len(prompts)), grad
 
 
@@ -502,10 +595,10 @@ def finetune(args, ref, ref_cfg, abar, pools, device):
     """The rounds: P prompts (seeded by round) x M images each, scored, accepted and trained on; state.pt
     after every round, so an interrupted run resumes from the last finished round and repeats the
     uninterrupted one."""
-    ft = build_model(ref_cfg).to(device)
-    ft.load_state_dict(ref.state_dict())
+    ft, trained = finetuned_copy(ref, ref_cfg, device)                      # trained: what state.pt holds
     ft = common.maybe_compile(ft, args.compile)
-    opt = torch.optim.Adam(ft.parameters(), lr=args.ddpo_lr if args.algo == "ddpo" else args.ft_lr)
+    opt = torch.optim.Adam([q for q in ft.parameters() if q.requires_grad],
+                           lr=args.ddpo_lr if args.algo == "ddpo" else args.ft_lr)
     path = os.path.join(args.out, "state.pt")
     key = {k: getattr(args, k) for k in RESUME_KEYS} | {"ref": args.ref}
     rounds, compute, buffers = [], dict(samples=0, nfe_sampling=0, grad_calls=0, wall_s=0.0), {}
@@ -514,7 +607,7 @@ def finetune(args, ref, ref_cfg, abar, pools, device):
             st = common.load_checkpoint(path)
             if st["config"].get("resume_key") != key:
                 raise SystemExit(f"graft_t2i: {args.out} holds a run with other settings; use another --out")
-            common.load_state(ft, st["state_dicts"]["model"], path)
+            common.load_state(trained, st["state_dicts"]["model"], path)
             opt.load_state_dict(st["state_dicts"]["opt"])
         except common.CheckpointError as e:
             raise SystemExit(f"graft_t2i: {e}")
@@ -530,17 +623,18 @@ def finetune(args, ref, ref_cfg, abar, pools, device):
         prompts, groups = [p for p in chosen for _ in range(M)], np.repeat(np.arange(P), M)
         x0, r, acc, grad = (ddpo_round(args, ft, opt, abar, prompts, tracker, gen) if args.algo == "ddpo"
                             else graft_round(args, ref, ft, opt, abar, prompts, groups, gen))
-        ok, wall = reward_checker(x0, prompts), time.time() - t0
+        ok, wall = world_checker(x0, prompts), time.time() - t0
         add = dict(samples=P * M, nfe_sampling=P * M * nfe_per_image(args), grad_calls=grad, wall_s=wall)
         compute = {k: compute[k] + v for k, v in add.items()}
-        rounds.append(dict(round=rnd + 1, mean_reward=float(r.mean()), checker=float(ok.mean()),
+        rounds.append(dict(round=rnd + 1, mean_reward=float(r.mean()), checker=ok,
                            accepted_mean_reward=float(r[acc].mean()), accepted=len(acc),
                            samples_per_s=P * M / wall, round_wall_s=wall, **compute))
-        common.save_checkpoint(path, {"model": ft.state_dict(), "opt": opt.state_dict()},
+        common.save_checkpoint(path, {"model": trained.state_dict(), "opt": opt.state_dict()},
                                {"resume_key": key, "model": ref_cfg},
                                {"rounds": rounds, "compute": compute, "buffers": tracker.buffers})
         common.write_json(os.path.join(args.out, "metrics.jsonl"), rounds, lines=True)
-        print(f"round {rnd + 1}/{args.rounds}: mean reward {r.mean():.3f}, checker {ok.mean():.3f}, accepted "
+        print(f"round {rnd + 1}/{args.rounds}: mean reward {r.mean():.3f}, checker "
+              f"{float('nan') if ok is None else ok:.3f}, accepted "
               f"{len(acc)}/{P * M} (their reward {float(r[acc].mean()):.3f}), {wall:.0f} s", flush=True)
     return ft, rounds, compute
 
@@ -588,24 +682,27 @@ def export(path, dest):
 def evaluate_sampler(hi, lo, N_I, args, abar, prompts, desc):
     """n_eval images from the same seeds for every model (common random numbers), scored three ways."""
     t0, gen = time.time(), torch.Generator().manual_seed(args.seed + 12_345)
-    x0 = sample(hi, lo, prompts, abar, args.N, N_I, args.eta, args.guidance, args.sample_batch, gen, args.amp,
-                args.image_size)["x0"]                                            # (n_eval, 3, S, S)
-    wall = time.time() - t0
-    r = score(x0, prompts, get_reward(args.reward, args.device)).numpy()
-    judge_fn = get_judge(args.device)
+    res = sample(hi, lo, prompts, abar, args.N, N_I, args.eta, args.guidance, args.sample_batch, gen, args.amp,
+                 reward_fn(args))
+    wall, x0, r = time.time() - t0, res["x0"], res["r"].numpy()                  # x0 (n_eval, 3, H, W)
+    world = all(map(in_grammar, prompts))                                          # the world's prompts
+    judge_fn = get_judge(args.device) if world else None
     judge = score(x0, prompts, judge_fn, "judge").numpy() if judge_fn else None
     print(f"{desc}: {len(prompts)} images in {wall:.0f} s" + ("" if judge is not None else " (no judge: "
           f"{VQA.format('judge')} is missing)"), flush=True)
     return {"n_samples": len(prompts), "nfe": len(prompts) * nfe_per_image(args), "wall_s": wall,
-            "samples_per_s": len(prompts) / wall, "metrics": metrics(x0, prompts, r, judge)}, \
-        to_uint8(x0)
+            "samples_per_s": len(prompts) / wall,
+            "metrics": metrics(to_world(x0), prompts, r, judge) if world else {   # SD2's prompts: no checker
+                "reward": common.mean_ci95(r), "judge": None, "checker": None, "per_category": {},
+                "diversity": common.mean_ci95(diversity(x0, prompts))}}, to_uint8(x0)
 
 
 def reference_eval(args, ref, abar, prompts):
     """The reference's evaluation, cached by (checkpoint bytes, sampler, prompts, seed, reward, the VQA
     networks' bytes): every run of a sweep compares against the same numbers."""
     scorers = [common.sha1_file(VQA.format(w)) for w in ("reward", "judge") if os.path.isfile(VQA.format(w))]
-    tag = hashlib.sha1(repr((common.sha1_file(common.resolve_ref(args.ref)), args.N, args.eta, args.guidance,
+    weights = (args.repo, args.revision) if args.sd2 else common.sha1_file(common.resolve_ref(args.ref))
+    tag = hashlib.sha1(repr((weights, args.N, args.eta, args.guidance,
                              args.seed, args.reward, prompts, scorers)).encode()).hexdigest()[:16]
     return common.cached(os.path.join("runs", "t2i_reference_evals", tag), lambda: (lambda ev, im: (
         ev, {"images": im}))(*evaluate_sampler(ref, ref, 0, args, abar, prompts, "reference eval")))
@@ -616,8 +713,9 @@ def plot_rounds(out, rounds, reference, reward):
     fig, ax = plt.subplots(figsize=(5, 3.5))
     x, m = [0] + [r["round"] for r in rounds], reference["metrics"]
     ax.plot(x, [np.nan] + [r["mean_reward"] for r in rounds], "o-", label=f"{reward} reward (train prompts)")
-    ax.plot(x, [np.nan] + [r["checker"] for r in rounds], "s--", label="checker accuracy (training prompts)")
-    ax.plot([0], [m["checker"]["mean"]], "k*", label="reference checker (held-out)")
+    if m["checker"]:                                                         # the world's prompts only
+        ax.plot(x, [np.nan] + [r["checker"] for r in rounds], "s--", label="checker accuracy (training prompts)")
+        ax.plot([0], [m["checker"]["mean"]], "k*", label="reference checker (held-out)")
     ax.set_xticks(x), ax.set_xlabel("round (0 = reference)"), ax.legend(fontsize=8), ax.grid(alpha=0.3)
     fig.tight_layout(), fig.savefig(os.path.join(out, "rounds.png"), dpi=120), plt.close(fig)
 
@@ -629,8 +727,8 @@ def measure_variance(args, ref, abar, pools):
     grid = sorted({round(f * args.N) for f in (0.1, 0.25, 0.5, 0.75, 0.9, 1.0)}, reverse=True)
     gen, reward = torch.Generator().manual_seed(args.seed), get_reward(args.reward, args.device)
     prompts = draw_prompts(pools, args.var_P, np.random.default_rng(args.seed))
-    x, k_prev, states = torch.randn(args.var_P, 3, *[args.image_size] * 2, generator=gen), args.N, {}
-    ids = tokenize(prompts)
+    x, k_prev, states = torch.randn(args.var_P, *ref.latent_shape, generator=gen), args.N, {}
+    ids = ref.tokenize(prompts)
     for k in grid:
         with torch.no_grad():
             x = ddim_steps(ref, x, ids, abar, args.N, k_prev, k, args.eta, args.guidance, gen, args.amp)
@@ -663,11 +761,12 @@ def main(argv=None):
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise SystemExit(f"graft_t2i: --out {args.out!r} is a file, not a folder")
     pools, prompts = finetune_pools(args), eval_prompts(args)                 # bad prompt files fail here
-    ref, ref_cfg = load_reference(args.ref, device)
+    ref, ref_cfg = load_sd2(args, device) if args.sd2 else load_reference(args.ref, device)
     args.image_size = ref_cfg["image_size"]                                 # the checkpoint's, not the flag's
     os.makedirs(args.out, exist_ok=True)
-    abar, ref = make_abar(ref_cfg), common.maybe_compile(ref, args.compile)
-    print(f"reference: {args.ref} ({sum(q.numel() for q in ref.parameters()):,} parameters)")
+    abar, ref = make_abar(ref_cfg, ref), common.maybe_compile(ref, args.compile)
+    print(f"reference: {args.repo if args.sd2 else args.ref} ({sum(q.numel() for q in ref.parameters()):,} "
+          f"parameters), {args.image_size} px, NFE per image {nfe_per_image(args)}")
     if args.measure_variance:
         return measure_variance(args, ref, abar, pools)
     if not args.eval_only:
@@ -687,15 +786,15 @@ def main(argv=None):
         finetuned, ft_images = evaluate_sampler(*samplers(args, ref, ft), args, abar, prompts, "fine-tuned")
         plot_rounds(args.out, rounds, reference, args.reward)
         results |= {"finetuned": finetuned, "compute": compute, "rounds": rounds}
-    save_grid(os.path.join(args.out, "grid.png"), ref_images["images"], ft_images, prompts)
+    save_grid(os.path.join(args.out, "grid.png"), ref_images["images"], ft_images, prompts,
+              per_cat=8 if args.sd2 else 2, scale=max(1, 128 // ref_images["images"].shape[1]))
     results["wall_s"] = time.time() - t0
     common.write_json(os.path.join(args.out, "results.json"), results)
     for name in ("reference", "finetuned"):
         if name in results:
             m = results[name]["metrics"]
-            judge = m["judge"]["mean"] if m["judge"] else float("nan")
-            print(f"{name:>10}: reward {m['reward']['mean']:.3f}, judge {judge:.3f}, checker "
-                  f"{m['checker']['mean']:.3f} ("
+            judge, ok = (m[k]["mean"] if m[k] else float("nan") for k in ("judge", "checker"))
+            print(f"{name:>10}: reward {m['reward']['mean']:.3f}, judge {judge:.3f}, checker {ok:.3f} ("
                   + ", ".join(f"{c} {v['checker']['mean']:.2f}" for c, v in m["per_category"].items())
                   + f"), diversity {m['diversity']['mean']:.3f}")
     print(f"wrote {os.path.join(args.out, 'results.json')}")

@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
+from t2i_world import tokenize
 
 
 def norm(c):
@@ -106,6 +107,7 @@ class T2IUNet(nn.Module):
         abar = torch.tensor(common.noise_schedule(schedule, T), dtype=torch.float32)
         self.register_buffer("abar", abar, persistent=False)                         # (T+1,)
         self.patch, self.ch, temb, c_in = patch, ch, 4 * ch, 3 * patch * patch
+        self.image_size, self.length = image_size, length
         self.text = TextEncoder(vocab_size, d_text, text_layers, heads, length)
         self.temb = nn.Sequential(nn.Linear(ch, temb), nn.SiLU(), nn.Linear(temb, temb))
         self.pool = nn.Linear(d_text, temb)
@@ -146,6 +148,19 @@ class T2IUNet(nn.Module):
         freqs = torch.exp(-math.log(10_000) * torch.arange(half, device=w.device, dtype=w.dtype) / half)
         a = t.to(w.dtype)[:, None] * freqs[None]                                  # (B, ch/2), t in steps
         return self.temb(torch.cat([a.sin(), a.cos()], 1))                        # (B, 4 ch)
+
+    # graft_t2i.py's model interface, which sd2.SD2 also has: pixels are the "latents", decoding is identity
+    clip_x0 = True                                             # DDIM's x0_hat is clamped to the image range
+
+    @property
+    def latent_shape(self):
+        return (3, self.image_size, self.image_size)
+
+    def tokenize(self, prompts):
+        return tokenize(prompts, self.length)                  # (B, length); the empty prompt is all padding
+
+    def decode(self, x):
+        return x
 
     def encode(self, ids):
         """The text context (tokens, mask) and its pooled BOS vector; computed once per sampler run."""

@@ -354,8 +354,9 @@ def split_prompts():
             for cat, specs in all_specs().items()}
 
 
-def read_prompt_file(path, grammar=True):
-    """One prompt per line ('#' comments and blanks skipped); each must tokenize and, with `grammar`, parse.
+def read_prompt_file(path, grammar=True, words=True):
+    """One prompt per line ('#' comments and blanks skipped); with `words` each must tokenize (the world's
+    model reads it), with `grammar` also parse (the world's rewards read it); SD2 needs neither.
     FileNotFoundError for a missing file, ValueError naming the line (or an empty file) otherwise."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"prompt file {path!r} does not exist")
@@ -366,7 +367,8 @@ def read_prompt_file(path, grammar=True):
             if not text:
                 continue
             try:
-                tokenize([text])
+                if words or grammar:
+                    tokenize([text])
                 if grammar:
                     parse_prompt(text)
             except ValueError as e:
@@ -684,12 +686,34 @@ def save_examples(path, size=32, scale=4, per_row=6, seed=0):
     return path
 
 
+def in_grammar(prompt):
+    """Whether `prompt` is a sentence of the world's grammar (the world's checker and rewards read only those)."""
+    try:
+        return bool(parse_prompt(prompt))
+    except ValueError:
+        return False
+
+
+def to_world(images):
+    """Images larger than the world's (SD2's 512 px) area-pooled to its 32 px, for the world's checker and
+    rewards."""
+    return images if images.shape[-1] <= 64 else torch.nn.functional.interpolate(images, size=32, mode="area")
+
+
+def category_of(prompt):
+    """The prompt's category in the world's grammar, or 'prompt' for any other text (an SD2 prompt)."""
+    try:
+        return parse_prompt(prompt).category
+    except ValueError:
+        return "prompt"
+
+
 def save_grid(path, ref_images, ft_images, prompts, per_cat=2, seeds=4, scale=4):
     """For per_cat held-out prompts of each category: `seeds` reference images, then the fine-tuned model's
     from the same seeds, captioned with the prompt; upscaled x4 (nearest)."""
     rows, seen = [], {}
     for i, p in enumerate(prompts):
-        c = parse_prompt(p).category
+        c = category_of(p)
         fresh = p not in [prompts[j] for j in rows] and prompts[i:i + seeds] == [p] * seeds
         if fresh and seen.get(c, 0) < per_cat:
             rows.append(i), seen.__setitem__(c, seen.get(c, 0) + 1)

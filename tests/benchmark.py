@@ -5,6 +5,8 @@ from them. Prints numbers and asserts nothing: timings live here, not in the tes
     python tests/benchmark.py --quick         # fewer samples, noisier numbers
     python tests/benchmark.py --only layout   # one task
     python tests/benchmark.py --only t2i      # text-to-image: images/s, training step, default run
+    python tests/benchmark.py --only t2i_sd2  # SD2 at full size, random weights, 64 px on the CPU
+    python tests/benchmark.py --only t2i_sd2 --device cuda --amp --px 512 --batch 8   # on a GPU
 
 The estimates are rough: they count sampling and training only (not metrics, RDKit or FID features, nor first-run
 caching; the reference's evaluation is counted, though a later run finds it cached), and time training steps on
@@ -124,7 +126,7 @@ def t2i(quick):
     abar, n = gt.make_abar(cfg), 64 if quick else 256
     prompts = gt.eval_prompts(args)[:n]
     s = timed(lambda: gt.sample(ref, ref, prompts, abar, args.N, 0, args.eta, args.guidance,
-                                args.sample_batch, torch.Generator().manual_seed(0), size=cfg["image_size"]))
+                                args.sample_batch, torch.Generator().manual_seed(0)))
     rate = n / s
     train_prompts = gt.draw_prompts(gt.finetune_pools(args), args.batch_size, np.random.default_rng(0))
     x0 = gt.render_prompts(train_prompts, np.random.default_rng(0), cfg["image_size"])
@@ -137,10 +139,65 @@ def t2i(quick):
             "default_run_estimate_min": (samples / rate + args.rounds * args.ft_steps * step) / 60}
 
 
+def t2i_sd2(quick, device="cpu", amp=False, px=64, batch=2):
+    """SD2-base's UNet, VAE and text encoder at their full size with random weights (no download), a LoRA
+    rank 4: seconds per image for DDIM sampling with CFG (timed over a few steps, extrapolated to N 50, plus
+    the VAE decode) and for one LoRA training step of the shaped loss, and the peak memory on a GPU."""
+    import graft_t2i as gt
+    import sd2
+    from sd2_clip import SD2_TEXT_CONFIG, CLIPTextEncoder
+    dev, dtype = torch.device(device), torch.bfloat16 if amp else torch.float32
+
+    def tokenizer(prompts):                                 # timing does not depend on the tokens
+        return torch.tensor([[49406] + [320] * 8 + [49407] + [0] * 67] * len(prompts))
+    unet_cfg = sd2.SD2_UNET_CONFIG | {"sample_size": px // 8}
+    model = sd2.SD2(sd2.UNet(unet_cfg), sd2.AutoencoderKL(sd2.SD2_VAE_CONFIG),
+                    CLIPTextEncoder.from_config(SD2_TEXT_CONFIG), tokenizer, sd2.SD2_SCHEDULER_CONFIG)
+    model = model.to(dev, dtype).eval()
+    lora = model.add_lora(4)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    steps, prompts = 2 if quick else 3, ["a photo"] * batch
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+
+    def run(n):
+        gt.sample(model.adapter(True), model.adapter(False), prompts, model.abar.cpu(), n, 0, 1.0, 7.5,
+                  batch, torch.Generator().manual_seed(0), amp)
+        sync()
+    run(1)                                                                       # warm-up
+    per_step = (timed(lambda: run(steps + 1)) - timed(lambda: run(1))) / steps / batch
+    decode = timed(lambda: (gt.decode(model, torch.randn(batch, 4, px // 8, px // 8), amp), sync())) / batch
+    mem_sample = torch.cuda.max_memory_allocated(dev) / 2 ** 30 if dev.type == "cuda" else float("nan")
+    ft, abar = model.adapter(True), model.abar.cpu()
+    x_s, ids = torch.randn(batch, 4, px // 8, px // 8).to(dev), tokenizer(prompts).to(dev)
+    opt = torch.optim.Adam(lora.parameters(), lr=1e-5)
+
+    def step():
+        with common.autocast(dev, amp):
+            loss = gt.shaped_loss(ft, x_s, ids, abar, 251, 1000, float(abar[250]))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sync()
+    ft.train()
+    step()
+    train = timed(step, 2 if quick else 3)
+    mem_train = torch.cuda.max_memory_allocated(dev) / 2 ** 30 if dev.type == "cuda" else float("nan")
+    return {"task": "t2i_sd2", "what": f"{px} px, batch {batch}, {dtype}, {device}",
+            "cfg_step_s_per_image": per_step, "image_s_N50_cfg": 50 * per_step + decode,
+            "lora_train_step_s": train, "train_s_per_image": train / batch,
+            "peak_gib_sampling": mem_sample, "peak_gib_training": mem_train}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="fewer samples (noisier numbers)")
-    p.add_argument("--only", choices=["molecule", "layout", "noise_correction", "t2i"], help="benchmark one task")
+    p.add_argument("--only", choices=["molecule", "layout", "noise_correction", "t2i", "t2i_sd2"],
+                   help="benchmark one task (t2i_sd2 only when named)")
+    p.add_argument("--device", default="cpu", help="t2i_sd2: cpu or cuda")
+    p.add_argument("--amp", action="store_true", help="t2i_sd2: bf16 weights and autocast")
+    p.add_argument("--px", type=int, default=64, help="t2i_sd2: image side (512 is SD2-base's)")
+    p.add_argument("--batch", type=int, default=2, help="t2i_sd2: images per batch")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = p.parse_args()
     if args.threads:
@@ -148,8 +205,10 @@ def main():
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.2f}")
-    for name, fn in (("molecule", molecule), ("layout", layout), ("noise_correction", noise), ("t2i", t2i)):
-        if args.only in (None, name):
+    sd2_run = lambda quick: t2i_sd2(quick, args.device, args.amp, args.px, args.batch)   # noqa: E731
+    for name, fn in (("molecule", molecule), ("layout", layout), ("noise_correction", noise), ("t2i", t2i),
+                     ("t2i_sd2", sd2_run)):
+        if args.only == name or (args.only is None and name != "t2i_sd2"):
             r = fn(args.quick)
             print(", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()), flush=True)
     print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB, "
