@@ -10,12 +10,9 @@ import sd2
 
 diffusers = pytest.importorskip("diffusers")
 
-SMALL_UNET = dict(sample_size=16, in_channels=4, out_channels=4, block_out_channels=[32, 64, 64, 64],
-                  layers_per_block=2, attention_head_dim=[2, 4, 4, 4], cross_attention_dim=24,
-                  use_linear_projection=True, norm_num_groups=8, norm_eps=1e-5, flip_sin_to_cos=True,
-                  freq_shift=0, upcast_attention=False,
-                  down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-                  up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3)
+SMALL_UNET = sd2.SD2_UNET_CONFIG | dict(sample_size=16, block_out_channels=[32, 64, 64, 64],   # SD2's blocks,
+                                       attention_head_dim=[2, 4, 4, 4], cross_attention_dim=24,     # narrow
+                                       norm_num_groups=8)
 SMALL_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[16, 32, 32, 32],
                  layers_per_block=2, norm_num_groups=8, scaling_factor=0.18215, sample_size=32,
                  down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4)
