@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 import acceptance
 import common
+import distributed
 import pretraining
 from t2i_unet import T2IUNet
 import sd2
@@ -172,6 +173,8 @@ def parse_args(argv=None):
               (args.lora_rank <= 0 or not 0 <= args.lora_dropout < 1 or not math.isfinite(args.lora_alpha),
                "--lora_rank must be positive, --lora_dropout in [0, 1), --lora_alpha finite"),
               (args.sd2 and (args.pretrain or args.export), "--preset sd2 comes pre-trained from the Hub"),
+              (args.batch_size % int(os.environ.get("WORLD_SIZE", "1")) != 0,
+               "--batch_size must be a multiple of torchrun's number of processes"),
               (args.reward not in REWARDS, f"unknown --reward {args.reward!r}; one of {', '.join(REWARDS)}")]
     for failed, message in checks:
         if failed:
@@ -278,19 +281,23 @@ def make_abar(cfg, ref=None):
     return torch.tensor(common.noise_schedule(cfg["schedule"], cfg["T"]), dtype=torch.float32)  # (T+1,)
 
 
-def shaped_loss(net, x_s, ids, abar, t_lo, t_hi, abar_s=1.0, gen=None, p_uncond=0.0, v=False):
+def shaped_loss(net, x_s, ids, abar, t_lo, t_hi, abar_s=1.0, gen=None, p_uncond=0.0, v=False, shard=(0, 1)):
     """docs/method.md §3 on images x_s (B, 3, S, S) that live at time s, t uniform in [t_lo, t_hi]:
         x_t = sqrt(abar_t/abar_s) x_s + sqrt(1 - abar_t/abar_s) eps',
         loss = mean |eps_theta(x_t, t, y) / c_t - eps'|^2,
         c_t = sqrt((1 - abar_t) / (1 - abar_t/abar_s));  abar_s = 1 (x_s = x_0) is DDPM's loss.
     p_uncond: the prompt y becomes the empty prompt (all padding) with this probability (for CFG).
-    v: each term weighted by abar_s / abar_t, v-prediction's loss (x_s error weighted 1 + SNR, not SNR)."""
+    v: each term weighted by abar_s / abar_t, v-prediction's loss (x_s error weighted 1 + SNR, not SNR).
+    shard (rank, W): the draws are the whole batch's, the loss is this rank's every W-th example (DDP)."""
     B, dev = len(x_s), x_s.device
     abar = abar.to(dev)
     t = torch.randint(t_lo, t_hi + 1, (B,), generator=gen).to(dev)                 # (B,)
-    eps = torch.randn(x_s.shape, generator=gen).to(dev)                             # eps' (B, 3, S, S)
+    eps = torch.randn(x_s.shape, generator=gen).to(dev)                             # eps' (B, C, S, S)
     drop = (torch.rand(B, generator=gen) < p_uncond).to(dev)                        # (B,) empty prompt
     ids = ids.masked_fill(drop[:, None], 0)                                         # (B, L)
+    if shard[1] > 1:
+        x_s, ids, t, eps = (a[shard[0]::shard[1]] for a in (x_s, ids, t, eps))
+        B = len(x_s)
     ratio = (abar[t] / abar_s).view(B, 1, 1, 1)
     c_t = ((1 - abar[t]).view(B, 1, 1, 1) / (1 - ratio)).sqrt()
     pred = net(ratio.sqrt() * x_s + (1 - ratio).sqrt() * eps, t.float(), ids)      # (B, 3, S, S)
@@ -364,7 +371,7 @@ def finish(out, net, z0, prompts, score_fn, amp):
     """Decode, score at full size (score_fn(images, prompts) -> (B,), if given), keep at most KEEP_PX px."""
     x0 = decode(net, z0, amp)
     if score_fn is not None:
-        out.setdefault("r", []).append(score_fn(x0, prompts))
+        out["r"].append(score_fn(x0, prompts))
     out["x0"].append(F.interpolate(x0, size=KEEP_PX, mode="area") if x0.shape[-1] > KEEP_PX else x0)
 
 
@@ -376,29 +383,33 @@ def sample(net_hi, net_lo, prompts, abar, N, N_I=0, eta=1.0, w=1.0, batch=256, g
     ref); RP-GRAFT: (ref, fine-tuned); GRAFT: N_I = 0. Returns {'x0': images (M, 3, H, W), 'z0': the final
     states, 'x_s', and 'r' (M,) with score_fn}: z0 and x_s (M, C, S, S) are pixels in the world and latents
     for SD2; x_s is P-GRAFT's data."""
-    ids_all, out = net_hi.tokenize(prompts), {"x0": [], "z0": [], "x_s": []}
+    ids_all, out = net_hi.tokenize(prompts), {"x0": [], "z0": [], "x_s": []} | ({"r": []} if score_fn else {})
     for b in range(0, len(prompts), batch):
         ids = ids_all[b:b + batch]
+        if not distributed.mine(b // batch, (len(ids), *net_hi.latent_shape), N + 1, gen):   # x_T, N steps
+            continue
         x_T = torch.randn(len(ids), *net_hi.latent_shape, generator=gen)           # (B, C, S, S)
         x_s = ddim_steps(net_hi, x_T, ids, abar, N, N, N_I, eta, w, gen, amp)       # above s: net_hi
         z0 = ddim_steps(net_lo, x_s, ids, abar, N, N_I, 0, eta, w, gen, amp)        # below s: net_lo
         finish(out, net_lo, z0, prompts[b:b + batch], score_fn, amp)
         out["z0"].append(z0), out["x_s"].append(x_s)
-    return {k: torch.cat(v) for k, v in out.items()}
+    return distributed.gather(out)
 
 
 @torch.no_grad()
 def sample_trajectories(net, prompts, abar, N, w, batch=256, gen=None, amp=False, score_fn=None):
     """DDPO's data (eta = 1): images, trajectories (M, N+1, C, S, S) from x_T, step log-probs (M, N), and
     with score_fn the rewards 'r' (M,)."""
-    ids_all, out = net.tokenize(prompts), {"x0": [], "traj": [], "logp": []}
+    ids_all, out = net.tokenize(prompts), {"x0": [], "traj": [], "logp": []} | ({"r": []} if score_fn else {})
     for b in range(0, len(prompts), batch):
+        if not distributed.mine(b // batch, (len(ids_all[b:b + batch]), *net.latent_shape), N + 1, gen):
+            continue
         x_T, steps = torch.randn(len(ids_all[b:b + batch]), *net.latent_shape, generator=gen), []
         z0 = ddim_steps(net, x_T, ids_all[b:b + batch], abar, N, N, 0, 1.0, w, gen, amp, steps)
         finish(out, net, z0, prompts[b:b + batch], score_fn, amp)
         out["traj"].append(torch.stack([x_T] + [x for x, _ in steps], 1))           # (B, N+1, 3, S, S)
         out["logp"].append(torch.stack([lp for _, lp in steps], 1))                 # (B, N)
-    return {k: torch.cat(v) for k, v in out.items()}
+    return distributed.gather(out)
 
 
 @torch.no_grad()
@@ -504,9 +515,9 @@ def train_on_accepted(ft, opt, x_acc, ids_acc, abar, args, gen):
     ft.train()
     for _ in range(args.ft_steps):
         idx = torch.randint(len(x_acc), (args.batch_size,), generator=gen)
-        with common.autocast(dev, args.amp):
-            loss = shaped_loss(ft, x_acc[idx].to(dev), ids_acc[idx].to(dev), abar, t_lo, t_hi, abar_s, gen,
-                               v=args.ft_loss == "v")
+        with common.autocast(dev, args.amp):                   # under torchrun: DDP, each rank its shard
+            loss = shaped_loss(distributed.ddp(ft), x_acc[idx].to(dev), ids_acc[idx].to(dev), abar, t_lo, t_hi,
+                               abar_s, gen, v=args.ft_loss == "v", shard=distributed.world())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -556,8 +567,11 @@ def ddpo_update(ft, opt, res, adv, ids, abar, args, gen):
     """One inner epoch of PPO over the trajectories (docs/method.md §4): advantages clipped to +-5, the
     clipped surrogate of the guided policy's per-dimension-averaged log-probs, a random ddpo_steps_frac of
     the steps with a std > 0 (the last, to abar_0 = 1, is deterministic and skipped), gradients accumulated
-    over the steps of a batch, grad clip 1. Returns the gradient calls (CFG's two passes count two)."""
+    over the steps of a batch, grad clip 1. Returns the gradient calls (CFG's two passes count two). Under
+    torchrun each rank takes every W-th trajectory of a batch and the gradients are summed over the ranks
+    (several backward passes per step, so an all_reduce of their sum rather than DDP's per-backward one)."""
     dev, tau, N = next(ft.parameters()).device, common.time_grid(len(abar) - 1, args.N), args.N
+    rank, world = distributed.world()
     stds = [float(ddim_mean_std(0, 0, abar, tau[N - j], tau[N - j - 1], 1)[1]) for j in range(N)]
     trainable = [j for j in range(N) if stds[j] > 0]
     n_steps, calls, adv = max(1, round(args.ddpo_steps_frac * len(trainable))), 0, adv.clamp(-5, 5)
@@ -565,6 +579,7 @@ def ddpo_update(ft, opt, res, adv, ids, abar, args, gen):
     ft.train()
     for b in range(0, len(perm), args.ddpo_batch):
         idx = perm[b:b + args.ddpo_batch]
+        n, idx = len(idx), idx[rank::world]                                  # this rank's trajectories
         opt.zero_grad(set_to_none=True)
         for j in [trainable[i] for i in torch.randperm(len(trainable), generator=gen)[:n_steps]]:
             k, x_t, x_next = N - j, res["traj"][idx, j].to(dev), res["traj"][idx, j + 1].to(dev)  # k -> k-1
@@ -574,9 +589,11 @@ def ddpo_update(ft, opt, res, adv, ids, abar, args, gen):
             mean, std = ddim_mean_std(eps, x_t, abar.to(dev), tau[k], tau[k - 1], 1.0, ft.clip_x0)
             ratio = torch.exp(gaussian_logp(x_next, mean, std).to(dev) - res["logp"][idx, j].to(dev))   # (B,)
             a = adv[idx].to(dev)
-            loss = torch.maximum(-a * ratio, -a * ratio.clamp(1 - args.ddpo_clip, 1 + args.ddpo_clip)).mean()
+            terms = torch.maximum(-a * ratio, -a * ratio.clamp(1 - args.ddpo_clip, 1 + args.ddpo_clip))
+            loss = terms.mean() if world == 1 else terms.sum() / n                # the whole batch's mean
             (loss / n_steps).backward()
-            calls += len(idx) * passes
+            calls += n * passes
+        distributed.sum_grads([q for q in ft.parameters() if q.requires_grad])
         torch.nn.utils.clip_grad_norm_(ft.parameters(), 1.0)
         opt.step()
     ft.eval()
@@ -629,10 +646,11 @@ def finetune(args, ref, ref_cfg, abar, pools, device):
         rounds.append(dict(round=rnd + 1, mean_reward=float(r.mean()), checker=ok,
                            accepted_mean_reward=float(r[acc].mean()), accepted=len(acc),
                            samples_per_s=P * M / wall, round_wall_s=wall, **compute))
-        common.save_checkpoint(path, {"model": trained.state_dict(), "opt": opt.state_dict()},
-                               {"resume_key": key, "model": ref_cfg},
-                               {"rounds": rounds, "compute": compute, "buffers": tracker.buffers})
-        common.write_json(os.path.join(args.out, "metrics.jsonl"), rounds, lines=True)
+        if distributed.is_main():                                 # under torchrun, rank 0 writes
+            common.save_checkpoint(path, {"model": trained.state_dict(), "opt": opt.state_dict()},
+                                   {"resume_key": key, "model": ref_cfg},
+                                   {"rounds": rounds, "compute": compute, "buffers": tracker.buffers})
+            common.write_json(os.path.join(args.out, "metrics.jsonl"), rounds, lines=True)
         print(f"round {rnd + 1}/{args.rounds}: mean reward {r.mean():.3f}, checker "
               f"{float('nan') if ok is None else ok:.3f}, accepted "
               f"{len(acc)}/{P * M} (their reward {float(r[acc].mean()):.3f}), {wall:.0f} s", flush=True)
@@ -704,8 +722,13 @@ def reference_eval(args, ref, abar, prompts):
     weights = (args.repo, args.revision) if args.sd2 else common.sha1_file(common.resolve_ref(args.ref))
     tag = hashlib.sha1(repr((weights, args.N, args.eta, args.guidance,
                              args.seed, args.reward, prompts, scorers)).encode()).hexdigest()[:16]
-    return common.cached(os.path.join("runs", "t2i_reference_evals", tag), lambda: (lambda ev, im: (
-        ev, {"images": im}))(*evaluate_sampler(ref, ref, 0, args, abar, prompts, "reference eval")))
+    path = os.path.join("runs", "t2i_reference_evals", tag)
+    have = distributed.broadcast(os.path.exists(path + ".json"))    # rank 0 decides: all read, or all sample
+
+    def compute():
+        ev, im = evaluate_sampler(ref, ref, 0, args, abar, prompts, "reference eval")
+        return ev, {"images": im}
+    return common.cached(path, compute) if have or distributed.is_main() else compute()
 
 
 def plot_rounds(out, rounds, reference, reward):
@@ -742,8 +765,9 @@ def measure_variance(args, ref, abar, pools):
         curve.append({"n_i": k / args.N, "N_I": k, "t": int(common.time_grid(args.T, args.N)[k]),
                       "cond_var": common.mean_ci95(within.numpy()), "total_var": float(r.flatten().var())})
         print(f"n_i {k / args.N:.2f}: E[Var(r|x_t)] = {within.mean():.4f} (total Var(r) {r.var():.4f})")
-    common.write_json(os.path.join(args.out, "variance.json"),
-                      dict(reward=args.reward, P=args.var_P, R=args.var_R, eta=args.eta, curve=curve))
+    if distributed.is_main():
+        common.write_json(os.path.join(args.out, "variance.json"),
+                          dict(reward=args.reward, P=args.var_P, R=args.var_R, eta=args.eta, curve=curve))
     return curve
 
 
@@ -752,7 +776,7 @@ def measure_variance(args, ref, abar, pools):
 def main(argv=None):
     args = parse_args(argv)
     common.seed_everything(args.seed)
-    device = common.get_device(args.device)
+    device = distributed.init(common.get_device(args.device))               # torchrun: one process per rank
     if args.pretrain or args.export:
         args.out = args.out or os.path.join("runs", f"t2i_pretrain_{args.preset}")
         return pretrain(args, device) if args.pretrain else export(f"{args.out}/ref.pt", args.export_to)
@@ -784,11 +808,14 @@ def main(argv=None):
     if not args.eval_only:
         ft, rounds, compute = finetune(args, ref, ref_cfg, abar, pools, device)          # Alg. 1 / 2 rounds
         finetuned, ft_images = evaluate_sampler(*samplers(args, ref, ft), args, abar, prompts, "fine-tuned")
-        plot_rounds(args.out, rounds, reference, args.reward)
         results |= {"finetuned": finetuned, "compute": compute, "rounds": rounds}
+    results["wall_s"] = time.time() - t0
+    if not distributed.is_main():                                 # under torchrun, rank 0 writes and reports
+        return results
+    if not args.eval_only:
+        plot_rounds(args.out, rounds, reference, args.reward)
     save_grid(os.path.join(args.out, "grid.png"), ref_images["images"], ft_images, prompts,
               per_cat=8 if args.sd2 else 2, scale=max(1, 128 // ref_images["images"].shape[1]))
-    results["wall_s"] = time.time() - t0
     common.write_json(os.path.join(args.out, "results.json"), results)
     for name in ("reference", "finetuned"):
         if name in results:

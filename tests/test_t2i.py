@@ -358,3 +358,64 @@ def test_nan_reward_is_one_error_line_and_keeps_finished_rounds(tiny_ref, tmp_pa
         assert len(f.readlines()) == 1
     code_shape = code.replace("return r if sum(calls) <= 20 + 12 else r * float('nan')", "return r[:1]")
     _one_line_error(_spawn(code=code_shape.replace(str(out), str(tmp_path / "shape"))), "shape")
+
+
+def _torchrun(script_args, cwd):
+    """torchrun with 2 CPU processes (gloo), one thread each; returns after both exit, failing on an error."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *script_args]
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=600,
+                       env=dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1", PYTHONPATH=ROOT))
+    assert p.returncode == 0, p.stderr[-3000:]
+
+
+def test_ddp_gradient_of_the_shaped_loss_over_two_ranks_equals_one_process(tmp_path):
+    """Each of 2 gloo ranks takes every 2nd example of the batch (the noise drawn for the whole batch); DDP's
+    averaged gradient equals the whole batch's gradient in one process."""
+    script = tmp_path / "grad.py"
+    script.write_text(
+        "import sys, torch, graft_t2i as gt\n"
+        "from tests.test_t2i import _net, PROMPTS\n"
+        "from t2i_world import tokenize\n"
+        "import distributed\n"
+        "distributed.init(torch.device('cpu'))\n"
+        "net, abar = _net(1), gt.make_abar(gt.model_config(gt.parse_args(['--ch', '8', '--ch_mult', '1,2'])))\n"
+        "x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(5))\n"
+        "ids, gen = tokenize(PROMPTS + PROMPTS[:1]), torch.Generator().manual_seed(6)\n"
+        "loss = gt.shaped_loss(distributed.ddp(net), x, ids, abar, 200, 1000, float(abar[200]), gen, p_uncond=0.5,"
+        " shard=distributed.world())\n"
+        "loss.backward()\n"
+        "if distributed.is_main():\n"
+        "    torch.save({k: p.grad for k, p in net.named_parameters()}, sys.argv[1])\n")
+    _torchrun([str(script), str(tmp_path / "grads.pt")], ROOT)
+    two = torch.load(tmp_path / "grads.pt", weights_only=True)
+    net, abar = _net(1), gt.make_abar(gt.model_config(gt.parse_args(TINY)))
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    ids = tokenize(PROMPTS + PROMPTS[:1])
+    gt.shaped_loss(net, x, ids, abar, 200, 1000, float(abar[200]), torch.Generator().manual_seed(6),
+                   p_uncond=0.5).backward()
+    assert all(torch.allclose(p.grad, two[k], atol=1e-6, rtol=1e-4) for k, p in net.named_parameters())
+    assert max(p.grad.abs().max() for p in net.parameters()) > 1e-4                  # not a vacuous zero
+
+
+@pytest.mark.parametrize("method", [["--n_i", "0.5"],
+                                    ["--algo", "ddpo", "--ddpo_lr", "1e-3", "--ddpo_batch", "5"]])
+def test_torchrun_with_two_gloo_processes_equals_one_process(tiny_ref, tmp_path, monkeypatch, method):
+    """torchrun --nproc_per_node 2: the sampler's batches are shared out and gathered (the reference's
+    evaluation included), the training batch split over the ranks; every round's rewards and accepted set
+    (their mean reward), the evaluations and the fine-tuned weights equal a one-process run's."""
+    (tmp_path / "one").mkdir(), (tmp_path / "two").mkdir()               # separate reference-eval caches
+    monkeypatch.chdir(tmp_path / "one")
+    argv = _argv(tiny_ref, "out", "--rounds", "2", "--M", "6", "--K", "2", "--sample_batch", "5", *method)
+    one = gt.main(argv)
+    _torchrun([os.path.join(ROOT, "graft_t2i.py"), *argv], tmp_path / "two")
+    with open(tmp_path / "two" / "out" / "results.json") as f:
+        two = json.load(f)
+    for a, b in zip(one["rounds"], two["rounds"], strict=True):
+        for k in ("mean_reward", "checker", "accepted_mean_reward", "accepted", "grad_calls"):
+            assert a[k] == pytest.approx(b[k], abs=1e-6), k
+    for which in ("reference", "finetuned"):
+        assert one[which]["metrics"]["reward"]["mean"] == pytest.approx(two[which]["metrics"]["reward"]["mean"],
+                                                                        abs=1e-5)
+    w1, w2 = (common.load_checkpoint(str(d / "out" / "state.pt"))["state_dicts"]["model"]
+              for d in (tmp_path / "one", tmp_path / "two"))
+    assert all(torch.allclose(w1[k], w2[k], atol=1e-5) for k in w1)
