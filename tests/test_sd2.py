@@ -321,3 +321,18 @@ def test_vqascore_reward_pairs_each_image_with_its_own_prompt(monkeypatch):
     monkeypatch.setitem(sys.modules, "t2v_metrics", None)                           # import fails
     with pytest.raises(SystemExit, match="pip install t2v-metrics"):
         sd2.VQAScore()
+
+
+def test_gradient_checkpointing_gives_the_same_lora_gradients():
+    unet, lora = lora_unet()
+    with torch.no_grad():
+        for b in lora.B.values():
+            b.normal_(0, 0.05)
+    x, t, ctx = torch.randn(2, 4, 16, 16), torch.tensor([10.0, 500.0]), torch.randn(2, 5, 24)
+    grads = []
+    for ckpt in (False, True):
+        unet.train(), lora.zero_grad(set_to_none=True)
+        unet.gradient_checkpointing = ckpt
+        unet(x, t, ctx).square().mean().backward()
+        grads.append([p.grad.clone() for p in lora.parameters()])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
