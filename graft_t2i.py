@@ -785,6 +785,7 @@ def main(argv=None):
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise SystemExit(f"graft_t2i: --out {args.out!r} is a file, not a folder")
     pools, prompts = finetune_pools(args), eval_prompts(args)                 # bad prompt files fail here
+    get_reward(args.reward, args.device), get_judge(args.device)            # so does a bad scorer, before work
     ref, ref_cfg = load_sd2(args, device) if args.sd2 else load_reference(args.ref, device)
     args.image_size = ref_cfg["image_size"]                                 # the checkpoint's, not the flag's
     os.makedirs(args.out, exist_ok=True)
@@ -798,7 +799,6 @@ def main(argv=None):
               + ("all on-policy" if args.algo == "ddpo" else f"Top-{args.K} each") + f", {args.rounds} "
               f"rounds, N {args.N}, eta {args.eta}, w {args.guidance}, N_I {args.N_I}, reward {args.reward}")
     t0 = time.time()
-    get_reward(args.reward, args.device), get_judge(args.device)            # a bad scorer fails before work
     reference, ref_images = reference_eval(args, ref, abar, prompts)
     results = {"task": "t2i", "method": method, "n_i": args.n_i,
                "command": "python graft_t2i.py " + " ".join(sys.argv[1:] if argv is None else argv),
