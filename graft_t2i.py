@@ -429,10 +429,7 @@ def reward_checker(images, prompts):
 
 def world_checker(images, prompts):
     """The checker's accuracy where the prompts are the world's, None for other text (SD2's prompt lists)."""
-    try:
-        return float(reward_checker(images, prompts).mean())
-    except ValueError:
-        return None
+    return float(reward_checker(images, prompts).mean()) if all(map(in_grammar, prompts)) else None
 
 
 def vqa_scorer(which, device):

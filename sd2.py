@@ -475,11 +475,11 @@ class VQAScore:
     def __call__(self, images, prompts):
         import tempfile
         from PIL import Image
+        from t2i_world import to_uint8
         r = torch.empty(len(prompts))
-        uint8 = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
         with tempfile.TemporaryDirectory() as tmp:
             paths = [os.path.join(tmp, f"{i}.png") for i in range(len(prompts))]
-            for path, im in zip(paths, uint8.permute(0, 2, 3, 1).numpy()):
+            for path, im in zip(paths, to_uint8(images)):                      # (H, W, 3) uint8 each
                 Image.fromarray(im).save(path)
             for p in dict.fromkeys(prompts):
                 idx = [i for i, q in enumerate(prompts) if q == p]
